@@ -1,0 +1,176 @@
+"""The ``muster`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="muster",
+    help="Muster: a control plane for clusters of application servers.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+SERVICES = ("registry",)
+
+ListenOpt = Annotated[str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of options. [env: MUSTER_CONFIG]")]
+HeartbeatOpt = Annotated[str | None, typer.Option(help="How often nodes heartbeat, e.g. 5s. [env: MUSTER_HEARTBEAT_INTERVAL; default 5s]")]
+WindowOpt = Annotated[str | None, typer.Option(help="No heartbeat this long: MISSED_CHECK_IN. [env: MUSTER_CHECK_IN_WINDOW; default 3 intervals]")]
+TtlOpt = Annotated[str | None, typer.Option(help="No heartbeat this long: OFFLINE (lease expired). [env: MUSTER_LEASE_TTL; default 30s]")]
+MaxNodesOpt = Annotated[int | None, typer.Option(help="The cluster's node limit, 0 for none. [env: MUSTER_MAX_NODES; default 0]")]
+
+
+def _server_imports() -> Any:
+    try:
+        import uvloop
+
+        from muster.core import config, server
+    except ImportError as exc:
+        typer.echo(
+            f"muster: the server is not installed ({exc.name} is missing); "
+            "install it with: pip install 'muster[server]'",
+            err=True,
+        )
+        raise typer.Exit(2) from None
+    return uvloop, config, server
+
+
+def _settings(config_mod: Any, **flags: Any) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return config_mod.load_settings(**flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        typer.echo(f"muster: invalid {where}: {first['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _ready(what: str, database: str) -> Any:
+    def announce(address: str) -> None:
+        print(f"muster: serving {what} on {address} (database: {database})", flush=True)
+
+    return announce
+
+
+@app.command()
+def up(
+    listen: ListenOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded PostgreSQL keeps its data. [env: MUSTER_DATA_DIR; default: your data dir, /var/lib/muster for root]")] = None,
+    config_file: ConfigOpt = None,
+    heartbeat_interval: HeartbeatOpt = None,
+    check_in_window: WindowOpt = None,
+    lease_ttl: TtlOpt = None,
+    max_nodes: MaxNodesOpt = None,
+) -> None:
+    """Run every service in this process on one port (embedded PostgreSQL unless MUSTER_DATABASE_URL is set)."""
+    uvloop, config, server = _server_imports()
+    settings = _settings(
+        config, listen=listen, data_dir=data_dir, config_file=config_file, heartbeat_interval=heartbeat_interval,
+        check_in_window=check_in_window, lease_ttl=lease_ttl, max_nodes=max_nodes,
+    )
+    server.configure_logging(settings.log_level)
+    embedded = None
+    if settings.database_url is not None:
+        dsn, shown = settings.database_url.get_secret_value(), _mask(settings.database_url.get_secret_value())
+    else:
+        from muster.core.embedded import EmbeddedPostgres
+
+        pg_dir = settings.data_dir / "pg"
+        print(f"muster: starting the embedded PostgreSQL in {pg_dir}", flush=True)
+        embedded = EmbeddedPostgres(pg_dir, fsync=settings.embedded_fsync)
+        try:
+            embedded.start()
+        except Exception as exc:
+            typer.echo(f"muster: the embedded PostgreSQL did not start: {exc}", err=True)
+            raise typer.Exit(1) from None
+        dsn, shown = embedded.url, f"embedded PostgreSQL in {pg_dir}"
+    try:
+        uvloop.run(server.serve(settings, dsn, list(SERVICES), on_ready=_ready("all services", shown)))
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        typer.echo(f"muster: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="registry (keys, balancer and locks come later).")],
+    listen: ListenOpt = None,
+    config_file: ConfigOpt = None,
+    heartbeat_interval: HeartbeatOpt = None,
+    check_in_window: WindowOpt = None,
+    lease_ttl: TtlOpt = None,
+    max_nodes: MaxNodesOpt = None,
+) -> None:
+    """Run one service in this process against MUSTER_DATABASE_URL (any number of replicas may run)."""
+    if service not in SERVICES:
+        typer.echo(f"muster: unknown service {service!r}; choose from {', '.join(SERVICES)}", err=True)
+        raise typer.Exit(2)
+    uvloop, config, server = _server_imports()
+    settings = _settings(
+        config, listen=listen, config_file=config_file, heartbeat_interval=heartbeat_interval,
+        check_in_window=check_in_window, lease_ttl=lease_ttl, max_nodes=max_nodes,
+    )
+    server.configure_logging(settings.log_level)
+    if settings.database_url is None:
+        typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… (or run `muster up` for everything in one process)",
+                   err=True)
+        raise typer.Exit(2)
+    dsn = settings.database_url.get_secret_value()
+    try:
+        uvloop.run(server.serve(settings, dsn, [service], on_ready=_ready(service, _mask(dsn))))
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        typer.echo(f"muster: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def migrate(config_file: ConfigOpt = None) -> None:
+    """Apply pending database migrations of every service (safe to run from many processes at once)."""
+    uvloop, config, server = _server_imports()
+    settings = _settings(config, config_file=config_file)
+    server.configure_logging(settings.log_level)
+    if settings.database_url is None:
+        typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… to migrate", err=True)
+        raise typer.Exit(2)
+    dsn = settings.database_url.get_secret_value()
+    try:
+        applied = uvloop.run(server.run_migrations(dsn, list(SERVICES), wait=settings.database_wait.total_seconds()))
+    except (TimeoutError, OSError) as exc:
+        typer.echo(f"muster: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if applied:
+        for m in applied:
+            print(f"applied {m.component} {m.version:04d}_{m.name}")
+    else:
+        print("database is up to date")
+
+
+def _mask(dsn: str) -> str:
+    """A database URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return dsn
+
+
+def main() -> None:
+    """Entry point of the ``muster`` command."""
+    app(prog_name="muster")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

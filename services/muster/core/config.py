@@ -1,0 +1,163 @@
+"""Server settings: flags over ``MUSTER_*`` variables over a TOML file over defaults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from muster.core.durations import parse_duration
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "MUSTER_"
+DEFAULT_LISTEN = "127.0.0.1:7400"
+
+
+def default_data_dir() -> Path:
+    """Where ``muster up`` keeps its embedded database: ``/var/lib/muster`` for root, else the user's data dir."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/muster")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "muster"
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Reads the optional TOML file named by ``config_file`` (flag) or ``MUSTER_CONFIG``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is not None:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+            self._data = {k.replace("-", "_"): v for k, v in raw.get("muster", raw).items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Every server option. Each is a flag (``--lease-ttl``), a variable (``MUSTER_LEASE_TTL``),
+    or a key of the TOML file (``lease_ttl = "30s"``), in that order of precedence."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    config_file: Path | None = Field(None, description="TOML file with any of these options.")
+    database_url: SecretStr | None = Field(
+        None, description="postgresql://… ; unset: the embedded PostgreSQL in the data directory."
+    )
+    listen: str = Field(DEFAULT_LISTEN, description="host:port to serve gRPC on (port 0: any free port).")
+    data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded database lives.")
+    heartbeat_interval: timedelta = Field(timedelta(seconds=5), description="How often nodes heartbeat.")
+    check_in_window: timedelta | None = Field(
+        None, description="No heartbeat for this long: MISSED_CHECK_IN (default 3 heartbeat intervals)."
+    )
+    lease_ttl: timedelta = Field(timedelta(seconds=30), description="No heartbeat for this long: OFFLINE.")
+    max_nodes: int = Field(0, ge=0, description="The cluster's node limit (0: none).")
+    reap_interval: timedelta = Field(timedelta(seconds=1), description="How often leases are swept.")
+    max_outage_credit: timedelta = Field(
+        timedelta(minutes=10), description="At most this much database outage is credited to leases."
+    )
+    outage_threshold: timedelta = Field(
+        timedelta(seconds=2), description="A gap between clock ticks longer than this is an outage."
+    )
+    event_retention: timedelta = Field(timedelta(hours=1), description="Events are kept at least this long.")
+    event_retention_events: int = Field(100_000, ge=1, description="The newest N events are always kept.")
+    progress_interval: timedelta = Field(timedelta(seconds=5), description="Idle watch streams get a mark this often.")
+    poll_interval: timedelta = Field(timedelta(seconds=1), description="Fallback poll for lost notifications.")
+    stream_max_lag: int = Field(10_000, ge=1, description="A watcher this many events behind is cut.")
+    stream_write_timeout: timedelta = Field(timedelta(seconds=10), description="A watcher not reading is cut.")
+    heartbeat_batch_window: timedelta = Field(
+        timedelta(milliseconds=5), description="Group commit window for heartbeats (at most ~10ms)."
+    )
+    grace_period: timedelta = Field(timedelta(seconds=10), description="How long shutdown waits for RPCs.")
+    pool_min_size: int = Field(2, ge=1)
+    pool_max_size: int = Field(20, ge=1)
+    database_wait: timedelta = Field(timedelta(seconds=60), description="How long start waits for the database.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    embedded_fsync: bool = Field(True, description="fsync in the embedded database (turn off only for tests).")
+
+    @field_validator(
+        "heartbeat_interval",
+        "check_in_window",
+        "lease_ttl",
+        "reap_interval",
+        "max_outage_credit",
+        "outage_threshold",
+        "event_retention",
+        "progress_interval",
+        "poll_interval",
+        "stream_write_timeout",
+        "heartbeat_batch_window",
+        "grace_period",
+        "database_wait",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+    @model_validator(mode="after")
+    def _timing_is_sane(self) -> Settings:
+        hb = self.heartbeat_interval
+        if not timedelta(milliseconds=50) <= hb <= timedelta(hours=1):
+            raise ValueError("heartbeat_interval must be between 50ms and 1h")
+        if self.check_in_window is None:
+            object.__setattr__(self, "check_in_window", hb * 3)
+        if self.check_in_window < hb:
+            raise ValueError("check_in_window must be at least heartbeat_interval")
+        if self.lease_ttl < self.check_in_window:
+            raise ValueError("lease_ttl must be at least check_in_window")
+        if self.heartbeat_batch_window > timedelta(milliseconds=50):
+            raise ValueError("heartbeat_batch_window must be at most 50ms")
+        if self.progress_interval < timedelta(milliseconds=100):
+            raise ValueError("progress_interval must be at least 100ms")
+        return self
+
+    @property
+    def window(self) -> timedelta:
+        """The check-in window, resolved."""
+        assert self.check_in_window is not None
+        return self.check_in_window
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init = init_settings()
+        path = init.get("config_file") or os.environ.get(ENV_PREFIX + "CONFIG_FILE") or os.environ.get(
+            ENV_PREFIX + "CONFIG"
+        )
+        return init_settings, env_settings, _TomlSource(settings_cls, Path(path) if path else None)
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Builds the settings from flags (``None`` means "not given"), the environment and the TOML file.
+
+    Unknown ``MUSTER_*`` variables are logged as warnings, so a typo does not pass silently.
+    """
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {
+        ENV_PREFIX + "CONFIG",
+        ENV_PREFIX + "ADDRESS",
+        ENV_PREFIX + "TEST_DATABASE_URL",
+    }
+    for name in sorted(os.environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            log.warning("unknown variable %s ignored", name, extra={"event": "unknown_env"})
+    return Settings(**{k: v for k, v in flags.items() if v is not None})

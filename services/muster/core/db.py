@@ -1,0 +1,82 @@
+"""The asyncpg pool every service shares: waits for the database, survives its restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+# Every Muster connection: a frozen replica cannot hold a lock (the event head) for long.
+SERVER_SETTINGS = {
+    "idle_in_transaction_session_timeout": "5000",
+    "application_name": "muster",
+}
+
+T = TypeVar("T")
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """One dedicated connection with Muster's session settings."""
+    return await asyncpg.connect(dsn, server_settings=SERVER_SETTINGS, **kwargs)
+
+
+async def wait_for_database(dsn: str, *, timeout: float, what: str = "database") -> None:
+    """Returns once the database accepts a connection; raises TimeoutError after ``timeout`` seconds.
+
+    Progress is logged every few seconds so a slow start is visible.
+    """
+    deadline = time.monotonic() + timeout
+    delay, last_log = 0.05, 0.0
+    while True:
+        try:
+            con = await asyncpg.connect(dsn, timeout=5)
+            await con.close()
+            return
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(
+                    f"the {what} did not accept connections within {timeout:.0f}s ({type(exc).__name__}); "
+                    "check MUSTER_DATABASE_URL and that PostgreSQL is running"
+                ) from exc
+            if now - last_log > 3:
+                log.info("waiting for the %s (%s)", what, type(exc).__name__, extra={"event": "db_wait"})
+                last_log = now
+            await asyncio.sleep(min(delay, max(0.0, deadline - now)))
+            delay = min(delay * 2, 1.0)
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:
+    """Creates the pool once the database is reachable.
+
+    The pool survives a database restart: a connection that died is replaced on its next use, and
+    a call made while the database is down fails fast (callers map it to UNAVAILABLE).
+    """
+    await wait_for_database(dsn, timeout=wait)
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings=SERVER_SETTINGS,
+        max_inactive_connection_lifetime=60,
+        command_timeout=30,
+    )
+
+
+async def retry_serialization(fn: Callable[[], Awaitable[T]], attempts: int = 8) -> T:
+    """Runs a whole transaction again on serialization failures and deadlocks."""
+    for attempt in range(attempts):
+        try:
+            return await fn()
+        except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+    raise AssertionError("unreachable")

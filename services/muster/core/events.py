@@ -1,0 +1,377 @@
+"""The event log: transactional append, gap-free numbering, snapshots and the per-process bus.
+
+Writers call :func:`append` inside the transaction that makes the change, then
+:meth:`Numberer.kick` after the commit. A numbering pass takes ``LOCK TABLE core.head IN EXCLUSIVE
+MODE`` and numbers every committed un-numbered event in append-id order, so revisions are gap-free
+and become visible in order without one row lock held by every writer. A snapshot (a List, a
+Resync) runs in a REPEATABLE READ transaction whose first statement is that same lock — the lock is
+taken before the snapshot — and numbers whatever its snapshot sees, so the snapshot contains exactly
+the changes up to the revision it reports.
+
+The :class:`EventBus` holds one LISTEN connection per process, reads new events once per batch for
+every local stream, and keeps a window of recent events in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from muster.api.events.v1 import event_pb2
+from muster.core import db
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "muster_events"
+_PASS_LIMIT = 20_000
+
+APPEND = "INSERT INTO core.events (kind, node_id, payload) VALUES ($1, $2, $3) RETURNING append_id"
+LOCK_HEAD = "LOCK TABLE core.head IN EXCLUSIVE MODE"
+NUMBER = """
+WITH pending AS (
+    SELECT append_id, row_number() OVER (ORDER BY append_id) AS n
+    FROM core.events WHERE revision IS NULL ORDER BY append_id LIMIT $1
+), h AS (
+    SELECT revision FROM core.head WHERE id = 1
+), numbered AS (
+    UPDATE core.events e SET revision = h.revision + p.n
+    FROM pending p, h WHERE e.append_id = p.append_id
+    RETURNING e.revision
+)
+UPDATE core.head SET revision = revision + (SELECT count(*) FROM numbered)
+WHERE id = 1
+RETURNING revision, (SELECT count(*) FROM numbered) AS numbered
+"""
+NOTIFY = "SELECT pg_notify($1, $2)"
+READ_HEAD = """
+SELECT revision, compacted_revision, now() AS now,
+       EXISTS (SELECT 1 FROM core.events WHERE revision IS NULL) AS pending
+FROM core.head WHERE id = 1
+"""
+READ_EVENTS = """
+SELECT revision, time, kind, node_id, payload FROM core.events
+WHERE revision > $1 AND revision <= $2 ORDER BY revision LIMIT $3
+"""
+REVISION_OF = "SELECT revision FROM core.events WHERE append_id = $1"
+COMPACT_CUT = """
+SELECT max(revision) AS cut FROM core.events
+WHERE revision > $1 AND revision <= $2 AND time < now() - $3::interval
+"""
+COMPACT_DELETE = "DELETE FROM core.events WHERE revision > $1 AND revision <= $2"
+COMPACT_MARK = "UPDATE core.head SET compacted_revision = $1 WHERE id = 1"
+HEAD_FOR_COMPACTION = "SELECT revision, compacted_revision FROM core.head WHERE id = 1"
+
+
+def kind_of(payload: Message) -> str:
+    """The event kind of a payload: its full message name."""
+    return payload.DESCRIPTOR.full_name
+
+
+async def append(con: asyncpg.Connection, payload: Message, *, node_id: int = 0) -> int:
+    """Appends an un-numbered event in the caller's transaction; returns its append id."""
+    return int(await con.fetchval(APPEND, kind_of(payload), node_id, payload.SerializeToString()))
+
+
+async def _number_all(con: asyncpg.Connection) -> tuple[int, int]:
+    """Numbers every pending event visible to ``con`` (which holds the head lock)."""
+    total = 0
+    while True:
+        row = await con.fetchrow(NUMBER, _PASS_LIMIT)
+        total += row["numbered"]
+        if row["numbered"] < _PASS_LIMIT:
+            if total:
+                await con.execute(NOTIFY, CHANNEL, str(row["revision"]))
+            return int(row["revision"]), total
+
+
+class Numberer:
+    """Runs numbering passes for this process, coalesced to one pass in flight.
+
+    Args:
+        pool: the shared pool.
+        on_numbered: called with the new head after every pass that numbered something.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, on_numbered: Callable[[int], None]) -> None:
+        self._pool = pool
+        self._on_numbered = on_numbered
+        self._waiters: list[asyncio.Future[int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def kick(self) -> asyncio.Future[int]:
+        """Asks for a pass that starts after this call; the future resolves with the head after it."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="muster-numberer")
+        return fut
+
+    async def _run(self) -> None:
+        while self._waiters:
+            waiters, self._waiters = self._waiters, []
+            try:
+                head = await self.number_once()
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter; the poll retries
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc)
+                    w.exception() if w.done() else None  # mark retrieved: fire-and-forget kicks
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(head)
+
+    async def number_once(self) -> int:
+        """One numbering pass; returns the head revision after it."""
+        async with self._pool.acquire() as con:
+            async with con.transaction():
+                await con.execute(LOCK_HEAD)
+                head, numbered = await _number_all(con)
+        if numbered:
+            self._on_numbered(head)
+        return head
+
+    async def revision_of(self, append_id: int) -> int:
+        """Waits until the event appended as ``append_id`` is numbered; returns its revision."""
+        while True:
+            await self.kick()
+            async with self._pool.acquire() as con:
+                revision = await con.fetchval(REVISION_OF, append_id)
+            if revision is not None:
+                return int(revision)
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self, con: asyncpg.Connection) -> AsyncIterator[int]:
+        """A REPEATABLE READ transaction on ``con`` that reflects exactly the revision it yields.
+
+        Every change visible inside has its event numbered at or below that revision, and no change
+        whose event is numbered above it is visible.
+        """
+        async with con.transaction(isolation="repeatable_read"):
+            await con.execute(LOCK_HEAD)  # before the snapshot: the first query takes it
+            head, numbered = await _number_all(con)
+            yield head
+        if numbered:
+            self._on_numbered(head)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A numbered event as read from the log."""
+
+    revision: int
+    node_id: int
+    kind: str
+    proto: event_pb2.Event
+
+
+def _to_event(row: asyncpg.Record) -> StoredEvent:
+    ev = event_pb2.Event(revision=row["revision"], kind=row["kind"], node_id=row["node_id"])
+    ev.time.FromDatetime(row["time"])
+    ev.payload.CopyFrom(any_pb2.Any(type_url="type.googleapis.com/" + row["kind"], value=row["payload"]))
+    return StoredEvent(row["revision"], row["node_id"], row["kind"], ev)
+
+
+class EventBus:
+    """This process's view of the log: one LISTEN connection, one reader, many local streams.
+
+    Args:
+        pool: the shared pool (reads).
+        dsn: for the dedicated LISTEN connection.
+        numberer: this process's numberer (the fallback poll runs a pass when it finds pending events).
+        poll_interval: fallback poll for lost notifications.
+        cache_size: how many recent events are kept in memory for streams that are nearly current.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        dsn: str,
+        *,
+        poll_interval: timedelta,
+        cache_size: int = 20_000,
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._poll = poll_interval.total_seconds()
+        self._cache_size = cache_size
+        self._cache: list[StoredEvent] = []
+        self.head = 0
+        self.compacted = 0
+        self._target = 0
+        self._db_offset = 0.0  # database clock minus local wall clock, seconds
+        self._wake: asyncio.Future[None] | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listen_con: asyncpg.Connection | None = None
+        self._closed = False
+        self.numberer = Numberer(pool, self.advance)
+        self.pending_seen = False
+
+    async def start(self) -> None:
+        """Reads the head and starts the listener and the fallback poll."""
+        await self._read_head()
+        self.head = self._target
+        self._tasks.append(asyncio.create_task(self._listen_loop(), name="muster-listen"))
+        self._tasks.append(asyncio.create_task(self._poll_loop(), name="muster-poll"))
+
+    async def close(self) -> None:
+        """Stops the listener and the poll, and wakes every stream so that it can end."""
+        self._closed = True
+        self._wake_all()
+        for t in [*self._tasks, *([self._fetch_task] if self._fetch_task else [])]:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        if self._listen_con is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listen_con.close(), 2)
+
+    def db_now(self) -> datetime:
+        """The database's clock, estimated from the last poll."""
+        return datetime.fromtimestamp(time.time() + self._db_offset, UTC)
+
+    # -- following the head ------------------------------------------------------------------
+
+    def advance(self, head: int) -> None:
+        """Learns that the log's head is at least ``head`` (a notification, a pass, a poll)."""
+        if head > self._target:
+            self._target = head
+        if self._target > self.head and (self._fetch_task is None or self._fetch_task.done()):
+            self._fetch_task = asyncio.create_task(self._fetch(), name="muster-fetch")
+
+    async def _fetch(self) -> None:
+        try:
+            while self.head < self._target and not self._closed:
+                async with self._pool.acquire() as con:
+                    rows = await con.fetch(READ_EVENTS, self.head, self._target, 5_000)
+                if not rows:
+                    return
+                events = [_to_event(r) for r in rows]
+                if events[0].revision != self.head + 1:
+                    self._cache.clear()  # compacted under us: streams behind read from the table
+                self._cache.extend(events)
+                if len(self._cache) > 2 * self._cache_size:
+                    del self._cache[: len(self._cache) - self._cache_size]
+                self.head = events[-1].revision
+                self._wake_all()
+        except Exception as exc:  # noqa: BLE001 - the poll retries
+            log.warning("reading new events failed: %s", type(exc).__name__, extra={"event": "bus_fetch_failed"})
+
+    def _wake_all(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        self._wake = None
+
+    async def wait(self, after: int, timeout: float) -> None:
+        """Returns when the head passes ``after``, the bus closes, or ``timeout`` seconds pass."""
+        if self.head > after or self._closed or timeout <= 0:
+            return
+        if self._wake is None:
+            self._wake = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._wake), timeout)
+
+    def wake_streams(self) -> None:
+        """Wakes every waiting stream (shutdown)."""
+        self._wake_all()
+
+    async def read(self, after: int, limit: int) -> list[StoredEvent]:
+        """Events with revision > ``after`` up to the local head, at most ``limit``.
+
+        The first event's revision is ``after + 1`` unless history was compacted (then the caller
+        resyncs).
+        """
+        head = self.head
+        if head <= after:
+            return []
+        if self._cache and self._cache[0].revision <= after + 1:
+            start = after + 1 - self._cache[0].revision
+            return self._cache[start : start + limit]
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(READ_EVENTS, after, head, limit)
+        return [_to_event(r) for r in rows]
+
+    async def read_head(self) -> tuple[int, int]:
+        """The database's head and compacted revisions (and the local head advances)."""
+        await self._read_head()
+        return self._target, self.compacted
+
+    async def _read_head(self) -> None:
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(READ_HEAD)
+        self.compacted = int(row["compacted_revision"])
+        self._db_offset = row["now"].timestamp() - time.time()
+        self.pending_seen = bool(row["pending"])
+        self.advance(int(row["revision"]))
+
+    # -- background ----------------------------------------------------------------------------
+
+    def _on_notify(self, _con: object, _pid: int, _channel: str, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self.advance(int(payload))
+
+    async def _listen_loop(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            lost = asyncio.Event()
+            try:
+                con = await db.connect(self._dsn, timeout=5)
+                con.add_termination_listener(lambda _c: lost.set())
+                await con.add_listener(CHANNEL, self._on_notify)
+                self._listen_con = con
+                delay = 0.1
+                await self._read_head()  # notifications sent while we were away are lost
+                log.info("listening for events", extra={"event": "bus_listening"})
+                while not lost.is_set() and not con.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                log.warning("event listener lost its connection; reconnecting", extra={"event": "bus_lost"})
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect with backoff
+                log.debug("event listener cannot connect: %s", type(exc).__name__)
+            finally:
+                if self._listen_con is not None:
+                    with contextlib.suppress(Exception):
+                        self._listen_con.terminate()
+                    self._listen_con = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _poll_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._poll)
+            try:
+                await self._read_head()
+                if self.pending_seen:
+                    await self.numberer.kick()  # a writer died between commit and its pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be down; try again
+                log.debug("event poll failed: %s", type(exc).__name__)
+
+
+async def compact(pool: asyncpg.Pool, *, keep_events: int, keep_for: timedelta) -> int:
+    """Deletes events older than ``keep_for`` beyond the newest ``keep_events``; returns the horizon."""
+    async with pool.acquire() as con, con.transaction():
+        await con.execute(LOCK_HEAD)
+        row = await con.fetchrow(HEAD_FOR_COMPACTION)
+        head, compacted = int(row["revision"]), int(row["compacted_revision"])
+        cut = await con.fetchval(COMPACT_CUT, compacted, head - keep_events, keep_for)
+        if cut is None or cut <= compacted:
+            return compacted
+        await con.execute(COMPACT_DELETE, compacted, cut)
+        await con.execute(COMPACT_MARK, cut)
+    log.info("compacted events through revision %s", cut, extra={"event": "events_compacted"})
+    return int(cut)

@@ -1,0 +1,230 @@
+"""serve(): the lifecycle every service process shares.
+
+Open the pool (waiting for the database), apply migrations under the advisory lock, start the
+event bus, mount the components' servicers with health checking and reflection, and on SIGTERM
+shut down in order: health NOT_SERVING, end watch streams with UNAVAILABLE (clients resume
+elsewhere), stop the server within the grace period, close the pool under a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from muster.core import clock, db, events, migrate
+from muster.core.config import Settings
+from muster.core.watch import Streams
+
+log = logging.getLogger(__name__)
+
+# Components by name: module:attribute of a class implementing Component. Imported lazily, so a
+# process loads only the services it runs.
+COMPONENTS = {
+    "registry": "muster.registry.component:RegistryComponent",
+}
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", 10_000),
+    ("grpc.server.max_pending_requests_hard_limit", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+]
+
+
+@dataclass
+class Runtime:
+    """What a component gets from the process: settings, pool, event bus, health."""
+
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool
+    bus: events.EventBus
+    streams: Streams
+    health: health.aio.HealthServicer
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Starts a background task that shutdown cancels."""
+        self.tasks.append(asyncio.create_task(coro, name=name))
+
+
+class Component(Protocol):
+    """A service mounted in a server process."""
+
+    service_name: str
+
+    def __init__(self, runtime: Runtime) -> None: ...
+
+    def mount(self, server: grpc.aio.Server) -> list[str]:
+        """Adds the servicer; returns the full service names it serves."""
+        ...
+
+    async def start(self) -> None:
+        """Starts background work."""
+        ...
+
+    async def stop(self) -> None:
+        """Stops background work (after the server stopped)."""
+        ...
+
+
+def load_component(name: str) -> type[Component]:
+    """The component class for a service name (``registry``, …)."""
+    try:
+        target = COMPONENTS[name]
+    except KeyError:
+        raise ValueError(f"unknown service {name!r}; choose from {', '.join(sorted(COMPONENTS))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+async def run_migrations(dsn: str, components: list[str], *, wait: float) -> list[migrate.Migration]:
+    """Applies pending migrations of core and the components (safe with many processes at once)."""
+    await db.wait_for_database(dsn, timeout=wait)
+    con = await db.connect(dsn)
+    try:
+        return await migrate.apply(con, migrate.all_migrations(components))
+    finally:
+        await con.close()
+
+
+async def _watch_database(runtime: Runtime, names: list[str]) -> None:
+    """Health follows the database: NOT_SERVING while it cannot be reached."""
+    serving: bool | None = None
+    while True:
+        try:
+            async with asyncio.timeout(2):
+                async with runtime.pool.acquire() as con:
+                    await con.fetchval("SELECT 1")
+            ok = True
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - any failure means the store is not usable
+            ok = False
+        if ok != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for n in ["", *names]:
+                await runtime.health.set(n, status)
+            if serving is not None:
+                log.warning("database %s", "reachable again" if ok else "unreachable",
+                            extra={"event": "db_health", "serving": ok})
+            serving = ok
+        await asyncio.sleep(0.5 if not ok else 1.0)
+
+
+async def _maintain(runtime: Runtime) -> None:
+    """Ticks the outage clock every second and compacts the event log now and then."""
+    s = runtime.settings
+    n = 0
+    while True:
+        await asyncio.sleep(1.0)
+        n += 1
+        try:
+            async with runtime.pool.acquire() as con, con.transaction():
+                await clock.tick(con, threshold=s.outage_threshold, cap=s.max_outage_credit)
+            runtime.bus.numberer.kick()
+            if n % 10 == 0:
+                await events.compact(runtime.pool, keep_events=s.event_retention_events, keep_for=s.event_retention)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the database may be down; next second
+            log.debug("maintenance failed: %s", type(exc).__name__)
+
+
+async def serve(
+    settings: Settings,
+    dsn: str,
+    components: list[str],
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Runs the given components in this process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    classes = [load_component(c) for c in components]
+    applied = await run_migrations(dsn, components, wait=settings.database_wait.total_seconds())
+    if applied:
+        log.info("applied %d migrations", len(applied), extra={"event": "migrated"})
+    pool = await db.create_pool(
+        dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+        wait=settings.database_wait.total_seconds(),
+    )
+    bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)
+    health_servicer = health.aio.HealthServicer()
+    runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    instances = [cls(runtime) for cls in classes]
+    names: list[str] = []
+    for inst in instances:
+        names += inst.mount(server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.listen}; is the port taken? choose another with --listen")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await bus.start()
+        for inst in instances:
+            await inst.start()
+        runtime.spawn(_watch_database(runtime, names), "muster-db-health")
+        runtime.spawn(_maintain(runtime), "muster-maintain")
+        await server.start()
+        host = settings.listen.rpartition(":")[0]
+        address = f"{host}:{port}"
+        log.info("serving %s on %s", ", ".join(components), address, extra={"event": "serving"})
+        if on_ready:
+            on_ready(address)
+        await stop.wait()
+        log.info("shutting down", extra={"event": "shutdown"})
+    finally:
+        await _shutdown(runtime, server, instances)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def _shutdown(runtime: Runtime, server: grpc.aio.Server, instances: list[Any]) -> None:
+    grace = runtime.settings.grace_period.total_seconds()
+    await runtime.health.enter_graceful_shutdown()
+    runtime.streams.closing = True
+    runtime.bus.wake_streams()  # watch streams end with UNAVAILABLE now, not at the grace deadline
+    await server.stop(grace)
+    for inst in instances:
+        with contextlib.suppress(Exception):
+            await inst.stop()
+    for t in runtime.tasks:
+        t.cancel()
+    for t in runtime.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+    await runtime.bus.close()
+    try:
+        await asyncio.wait_for(runtime.pool.close(), timeout=max(1.0, grace / 2))
+    except (TimeoutError, Exception):  # noqa: BLE001
+        runtime.pool.terminate()
+
+
+def configure_logging(level: str) -> None:
+    """Plain structured-ish lines on stderr (JSON logs with trace ids come with the telemetry work)."""
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("asyncpg").setLevel(logging.ERROR)

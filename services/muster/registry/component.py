@@ -1,0 +1,59 @@
+"""Mounts the registry in a server process: servicer, heartbeat batcher, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from muster.core.server import Runtime
+from muster.core.watch import WatchLimits
+from muster.registry.heartbeats import HeartbeatBatcher
+from muster.registry.servicer import RegistryServicer
+from muster.registry.store import RegistryStore, Timing
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = registry_service_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name
+
+
+class RegistryComponent:
+    """The registry service and its background work (the reaper)."""
+
+    service_name = SERVICE_NAME
+
+    def __init__(self, runtime: Runtime) -> None:
+        s = runtime.settings
+        self._runtime = runtime
+        self.store = RegistryStore(
+            runtime.pool,
+            runtime.bus.numberer,
+            Timing(s.heartbeat_interval, s.window, s.lease_ttl, s.max_nodes),
+        )
+        self.batcher = HeartbeatBatcher(self.store, s.heartbeat_batch_window)
+        limits = WatchLimits(s.progress_interval, s.stream_max_lag, s.stream_write_timeout)
+        self.servicer = RegistryServicer(self.store, self.batcher, runtime.bus, limits, runtime.streams)
+
+    def mount(self, server: grpc.aio.Server) -> list[str]:
+        registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(self.servicer, server)
+        return [SERVICE_NAME]
+
+    async def start(self) -> None:
+        self._runtime.spawn(self._reap(), "muster-reaper")
+
+    async def stop(self) -> None:
+        await self.batcher.close()
+
+    async def _reap(self) -> None:
+        s = self._runtime.settings
+        every = min(s.reap_interval.total_seconds(), s.heartbeat_interval.total_seconds() / 2)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
+                log.debug("reaper pass failed: %s", type(exc).__name__)

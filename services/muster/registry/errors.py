@@ -1,0 +1,71 @@
+"""The registry's domain errors."""
+
+from __future__ import annotations
+
+from muster.core.errors import FailedPreconditionError, NotFoundError
+
+DOMAIN = "muster.registry"
+
+
+class NodeNotFoundError(NotFoundError):
+    """No node has this id."""
+
+    reason = "NODE_NOT_FOUND"
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(f"node {node_id} does not exist; `muster list-nodes` shows the nodes",
+                         domain=DOMAIN, node=node_id)
+
+
+class StaleLeaseError(FailedPreconditionError):
+    """The lease id is not the node's current incarnation."""
+
+    reason = "STALE_LEASE"
+
+    def __init__(self, node_id: int, lease_id: int) -> None:
+        super().__init__(f"lease {lease_id} of node {node_id} was replaced by a newer join; join again",
+                         domain=DOMAIN, node=node_id, lease=lease_id)
+
+
+class LeaseExpiredError(FailedPreconditionError):
+    """The node is no longer ONLINE (its lease expired, or it left): it must join again."""
+
+    reason = "LEASE_EXPIRED"
+
+    def __init__(self, node_id: int, state: str, state_reason: str) -> None:
+        super().__init__(f"node {node_id} is {state} ({state_reason}); join again",
+                         domain=DOMAIN, node=node_id, state=state, state_reason=state_reason)
+
+
+class NodeLimitReachedError(FailedPreconditionError):
+    """The cluster's node limit is reached."""
+
+    reason = "NODE_LIMIT_REACHED"
+
+    def __init__(self, node_id: int, max_nodes: int) -> None:
+        super().__init__(
+            f"the cluster allows {max_nodes} nodes and has them; delete a node or raise max_nodes",
+            domain=DOMAIN, node=node_id, max_nodes=max_nodes,
+        )
+
+
+class NodeHasSessionsError(FailedPreconditionError):
+    """Deleting an ONLINE node with sessions needs force."""
+
+    reason = "NODE_HAS_SESSIONS"
+
+    def __init__(self, node_id: int, sessions: int) -> None:
+        super().__init__(
+            f"node {node_id} is ONLINE with {sessions} sessions; drain it (`muster offline {node_id}`) "
+            "or delete with --force",
+            domain=DOMAIN, node=node_id, sessions=sessions,
+        )
+
+
+class NodeStateError(FailedPreconditionError):
+    """The node's state does not allow the operation."""
+
+    reason = "NODE_STATE"
+
+    def __init__(self, node_id: int, state: str, what: str) -> None:
+        super().__init__(f"node {node_id} is {state}: {what}", domain=DOMAIN, node=node_id, state=state)

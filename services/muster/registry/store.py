@@ -1,0 +1,462 @@
+"""Every SQL statement of the registry, behind named async methods.
+
+Each change appends its event in the same transaction (``events.append``) and kicks this
+process's numbering pass after the commit. Liveness is judged on the database's clock only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from muster.api.registry.v1 import node_pb2
+from muster.core import clock, events
+from muster.core.db import retry_serialization
+from muster.registry import convert
+from muster.registry.errors import (
+    LeaseExpiredError,
+    NodeHasSessionsError,
+    NodeLimitReachedError,
+    NodeNotFoundError,
+    NodeStateError,
+    StaleLeaseError,
+)
+from muster.registry.models import COUNTED_STATES, Cluster, Health, HeartbeatResult, Load, Mode, Node, State
+
+log = logging.getLogger(__name__)
+
+NODE_FOR_UPDATE_BY_ADDRESS = "SELECT * FROM registry.nodes WHERE address = $1 FOR UPDATE"
+NODE_FOR_UPDATE = "SELECT * FROM registry.nodes WHERE id = $1 FOR UPDATE"
+NODE_BY_ID = "SELECT * FROM registry.nodes WHERE id = $1"
+LOCK_CLUSTER = "SELECT 1 FROM registry.cluster WHERE id = 1 FOR UPDATE"
+COUNT_COUNTED = "SELECT count(*) FROM registry.nodes WHERE state = ANY($1::smallint[]) AND address <> $2"
+UPSERT_NODE = """
+INSERT INTO registry.nodes AS n (
+    address, host, port, ipv4, labels, state, state_reason, health, lease_id, join_request_id,
+    last_seen_time, check_in_deadline, lease_expire_time, load1, load5, load15, cpu_count, session_count
+) VALUES (
+    $1, $2, $3, $4, $5::jsonb, $6, $7, $8, nextval('registry.lease_ids'), $9,
+    now(), now() + $10::interval, now() + $11::interval, $12, $13, $14, $15, $16
+)
+ON CONFLICT (address) DO UPDATE SET
+    host = EXCLUDED.host, port = EXCLUDED.port, ipv4 = EXCLUDED.ipv4, labels = EXCLUDED.labels,
+    state = EXCLUDED.state, state_reason = EXCLUDED.state_reason, health = EXCLUDED.health,
+    lease_id = EXCLUDED.lease_id, join_request_id = EXCLUDED.join_request_id, state_time = now(),
+    last_seen_time = now(), check_in_deadline = EXCLUDED.check_in_deadline,
+    lease_expire_time = EXCLUDED.lease_expire_time, load1 = EXCLUDED.load1, load5 = EXCLUDED.load5,
+    load15 = EXCLUDED.load15, cpu_count = EXCLUDED.cpu_count, session_count = EXCLUDED.session_count
+RETURNING *
+"""
+HEARTBEAT_BATCH = """
+UPDATE registry.nodes n SET
+    last_seen_time = now(), check_in_deadline = now() + $8::interval, lease_expire_time = now() + $9::interval,
+    load1 = u.l1, load5 = u.l5, load15 = u.l15, cpu_count = u.cpus, session_count = u.sessions
+FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::float8[], $5::float8[], $6::int[], $7::int[])
+    AS u(id, lease_id, l1, l5, l15, cpus, sessions)
+WHERE n.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
+RETURNING n.id, n.lease_expire_time, now() AS now
+"""
+NODES_BY_IDS = "SELECT id, lease_id, state, state_reason FROM registry.nodes WHERE id = ANY($1::bigint[])"
+SET_STATE = """
+UPDATE registry.nodes SET state = $2, state_reason = $3, health = 0, state_time = now()
+WHERE id = $1 RETURNING *
+"""
+DELETE_NODE = "DELETE FROM registry.nodes WHERE id = $1 AND state = 4 RETURNING id, address"
+SET_MODE = "UPDATE registry.nodes SET mode = $2 WHERE id = $1 AND mode <> $2 RETURNING *"
+RESET_NODES = "DELETE FROM registry.nodes"
+RESET_CLUSTER = """
+UPDATE registry.cluster SET epoch = epoch + 1, uid = gen_random_uuid(), create_time = now()
+WHERE id = 1 RETURNING uid::text, epoch, create_time
+"""
+GET_CLUSTER = """
+SELECT c.uid::text, c.epoch, c.create_time,
+       (SELECT count(*) FROM registry.nodes) AS node_count,
+       (SELECT count(*) FROM registry.nodes WHERE state = 2 AND health = 1) AS online_count,
+       (SELECT revision FROM core.head WHERE id = 1) AS head,
+       now() AS now
+FROM registry.cluster c WHERE c.id = 1
+"""
+LIST_NODES_PAGE = """
+SELECT *, (state <> 2)::int AS rank, now() AS now FROM registry.nodes
+WHERE ((state <> 2)::int, id) > ($1::int, $2::bigint)
+ORDER BY (state <> 2)::int, id LIMIT $3
+"""
+SNAPSHOT_NODES = """
+SELECT * FROM registry.nodes WHERE cardinality($1::bigint[]) = 0 OR id = ANY($1::bigint[])
+ORDER BY (state <> 2)::int, id
+"""
+CLUSTER_EPOCH = "SELECT epoch FROM registry.cluster WHERE id = 1"
+ONLINE_NODES = "SELECT * FROM registry.nodes WHERE state = 2 ORDER BY id"
+LIST_LOADS_PAGE = """
+SELECT id, state, mode, health, last_seen_time, load1, load5, load15, cpu_count, session_count, now() AS now
+FROM registry.nodes WHERE id > $1 ORDER BY id LIMIT $2
+"""
+OUTAGE_MARKER = "SELECT last_outage_id FROM registry.outage_marker WHERE id = 1 FOR UPDATE"
+SET_OUTAGE_MARKER = "UPDATE registry.outage_marker SET last_outage_id = $1 WHERE id = 1"
+CREDIT_LEASES = """
+UPDATE registry.nodes SET lease_expire_time = lease_expire_time + $1::interval,
+                          check_in_deadline = check_in_deadline + $1::interval
+WHERE state = 2
+"""
+SWEEP_HEALTH = """
+UPDATE registry.nodes SET health = CASE WHEN now() > check_in_deadline THEN 2 ELSE 1 END
+WHERE state = 2 AND health <> CASE WHEN now() > check_in_deadline THEN 2 ELSE 1 END
+RETURNING *
+"""
+SWEEP_EXPIRED = """
+UPDATE registry.nodes SET state = 3, state_reason = 'LEASE_EXPIRED', health = 0, state_time = now()
+WHERE state = 2 AND lease_expire_time < now()
+RETURNING *
+"""
+STUCK_DELETING = "SELECT id FROM registry.nodes WHERE state = 4 AND state_time < now() - $1::interval"
+
+
+@dataclass(frozen=True)
+class Written:
+    """The result of a change: its value and the append id of its (last) event."""
+
+    node: Node | None
+    append_id: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The cluster's lease timing (server configuration)."""
+
+    heartbeat_interval: timedelta
+    check_in_window: timedelta
+    lease_ttl: timedelta
+    max_nodes: int
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of nodes."""
+
+    nodes: list[Node]
+    next_key: tuple[int, int] | None
+    revision: int
+    server_time: datetime
+
+
+@dataclass(frozen=True)
+class LoadsPage:
+    """One page of loads."""
+
+    rows: list[asyncpg.Record]
+    next_id: int | None
+    server_time: datetime
+
+
+def _state_name(state: int) -> str:
+    return State(state).name
+
+
+def _node_event(payload_cls: type, node: Node) -> object:
+    return payload_cls(node=convert.node_to_proto(node))
+
+
+class RegistryStore:
+    """The registry's tables.
+
+    Args:
+        pool: the shared pool.
+        numberer: this process's numbering passes (kicked after every commit that appended events).
+        timing: lease timing.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, numberer: events.Numberer, timing: Timing) -> None:
+        self._pool = pool
+        self._numberer = numberer
+        self.timing = timing
+
+    def _committed(self) -> None:
+        self._numberer.kick()
+
+    async def revision_of(self, append_id: int) -> int:
+        """Waits for the event to be numbered; returns its revision."""
+        return await self._numberer.revision_of(append_id)
+
+    # -- joins and leases ----------------------------------------------------------------------
+
+    async def join(
+        self, *, host: str, port: int, address: str, ipv4: str, labels: dict[str, str], request_id: str,
+        load: Load,
+    ) -> Written:
+        """Joins (or re-joins, keeping the id) the node at ``address`` with a new lease.
+
+        Raises:
+            NodeLimitReachedError: after committing the node as INVALID_LICENSE.
+        """
+        t = self.timing
+
+        async def attempt() -> tuple[Written, bool]:
+            async with self._pool.acquire() as con, con.transaction():
+                if t.max_nodes:
+                    await con.execute(LOCK_CLUSTER)  # serializes the count against concurrent joins
+                existing = await con.fetchrow(NODE_FOR_UPDATE_BY_ADDRESS, address)
+                if (existing is not None and request_id and existing["join_request_id"] == request_id
+                        and existing["state"] == State.ONLINE):
+                    return Written(Node.from_row(existing), 0), False  # a retried join: same lease
+                state, reason = State.ONLINE, "JOINED"
+                if t.max_nodes:
+                    counted = await con.fetchval(COUNT_COUNTED, [int(s) for s in COUNTED_STATES], address)
+                    if counted >= t.max_nodes:
+                        state, reason = State.INVALID_LICENSE, "NODE_LIMIT_REACHED"
+                row = await con.fetchrow(
+                    UPSERT_NODE, address, host, port, ipv4, json.dumps(labels), int(state), reason,
+                    int(Health.OK if state == State.ONLINE else Health.NONE), request_id,
+                    t.check_in_window, t.lease_ttl,
+                    load.load1, load.load5, load.load15, load.cpu_count, load.session_count,
+                )
+                node = Node.from_row(row)
+                append_id = await events.append(con, node_pb2.NodeJoined(node=convert.node_to_proto(node)),
+                                                node_id=node.id)
+                return Written(node, append_id), state != State.ONLINE
+
+        written, refused = await retry_serialization(attempt)
+        if written.append_id:
+            self._committed()
+            log.info("node %s joined from %s (%s)", written.node.id, address, written.node.state.name,
+                     extra={"event": "node_joined", "node": written.node.id})
+        if refused:
+            raise NodeLimitReachedError(written.node.id, t.max_nodes)
+        return written
+
+    async def heartbeats(self, batch: list[tuple[int, int, Load]]) -> dict[int, HeartbeatResult | Exception]:
+        """Renews many leases in one statement (group commit); returns a result or error per node id."""
+        t = self.timing
+        latest = {node_id: (lease_id, load) for node_id, lease_id, load in batch}
+        ids = list(latest)
+        args = (
+            ids,
+            [latest[i][0] for i in ids],
+            [latest[i][1].load1 for i in ids],
+            [latest[i][1].load5 for i in ids],
+            [latest[i][1].load15 for i in ids],
+            [latest[i][1].cpu_count for i in ids],
+            [latest[i][1].session_count for i in ids],
+            t.check_in_window,
+            t.lease_ttl,
+        )
+
+        async def attempt() -> list[asyncpg.Record]:
+            async with self._pool.acquire() as con:
+                return await con.fetch(HEARTBEAT_BATCH, *args)
+
+        rows = await retry_serialization(attempt)
+        out: dict[int, HeartbeatResult | Exception] = {
+            r["id"]: HeartbeatResult(r["lease_expire_time"], r["now"]) for r in rows
+        }
+        missing = [i for i in ids if i not in out]
+        if missing:
+            async with self._pool.acquire() as con:
+                found = {r["id"]: r for r in await con.fetch(NODES_BY_IDS, missing)}
+            for i in missing:
+                r = found.get(i)
+                if r is None:
+                    out[i] = NodeNotFoundError(i)
+                elif r["lease_id"] != latest[i][0]:
+                    out[i] = StaleLeaseError(i, latest[i][0])
+                else:
+                    out[i] = LeaseExpiredError(i, _state_name(r["state"]), r["state_reason"])
+        return out
+
+    async def leave(self, node_id: int, lease_id: int) -> Written:
+        """Sets the node OFFLINE with reason LEFT (a clean stop)."""
+        async with self._pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(NODE_FOR_UPDATE, node_id)
+            self._check_lease(row, node_id, lease_id)
+            if row["state"] == State.OFFLINE:
+                return Written(Node.from_row(row), 0)
+            append_id, node = await self._set_state(con, row, State.OFFLINE, "LEFT")
+        self._committed()
+        log.info("node %s left", node_id, extra={"event": "node_left", "node": node_id})
+        return Written(node, append_id)
+
+    @staticmethod
+    def _check_lease(row: asyncpg.Record | None, node_id: int, lease_id: int) -> None:
+        if row is None:
+            raise NodeNotFoundError(node_id)
+        if row["lease_id"] != lease_id:
+            raise StaleLeaseError(node_id, lease_id)
+
+    async def _set_state(self, con: asyncpg.Connection, row: asyncpg.Record, state: State,
+                         reason: str) -> tuple[int, Node]:
+        new = Node.from_row(await con.fetchrow(SET_STATE, row["id"], int(state), reason))
+        payload = node_pb2.NodeStateChanged(node=convert.node_to_proto(new), previous_state=row["state"])
+        return await events.append(con, payload, node_id=new.id), new
+
+    # -- operator changes ----------------------------------------------------------------------
+
+    async def delete(self, node_id: int, *, force: bool, lease_id: int | None = None) -> Written:
+        """Deletes a node in two transactions: DELETING with its event, then the removal with its event.
+
+        Raises:
+            NodeHasSessionsError: the node is ONLINE with sessions and ``force`` is not set.
+        """
+        async with self._pool.acquire() as con:
+            async with con.transaction():
+                row = await con.fetchrow(NODE_FOR_UPDATE, node_id)
+                if lease_id is not None:
+                    self._check_lease(row, node_id, lease_id)
+                if row is None:
+                    raise NodeNotFoundError(node_id)
+                if row["state"] == State.ONLINE and row["session_count"] > 0 and not force:
+                    raise NodeHasSessionsError(node_id, row["session_count"])
+                if row["state"] != State.DELETING:
+                    await self._set_state(con, row, State.DELETING, "DELETED" if lease_id is None else "LEFT")
+            self._committed()
+            written = await self._finish_delete(con, node_id)
+        log.info("node %s deleted", node_id, extra={"event": "node_deleted", "node": node_id})
+        return written
+
+    async def _finish_delete(self, con: asyncpg.Connection, node_id: int) -> Written:
+        async with con.transaction():
+            row = await con.fetchrow(DELETE_NODE, node_id)
+            if row is None:
+                return Written(None, 0)  # another replica finished it
+            append_id = await events.append(
+                con, node_pb2.NodeDeleted(node_id=row["id"], address=row["address"]), node_id=row["id"]
+            )
+        self._committed()
+        return Written(None, append_id)
+
+    async def set_mode(self, node_id: int, mode: Mode) -> Written:
+        """Drains or undrains a node; no event when the mode is already set."""
+        async with self._pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(SET_MODE, node_id, int(mode))
+            if row is None:
+                current = await con.fetchrow(NODE_BY_ID, node_id)
+                if current is None:
+                    raise NodeNotFoundError(node_id)
+                return Written(Node.from_row(current), 0)
+            node = Node.from_row(row)
+            append_id = await events.append(con, node_pb2.NodeModeChanged(node=convert.node_to_proto(node)),
+                                            node_id=node_id)
+        self._committed()
+        log.info("node %s mode %s", node_id, mode.name, extra={"event": "node_mode", "node": node_id})
+        return Written(node, append_id)
+
+    async def reset(self) -> tuple[Cluster, int, int]:
+        """Removes every node and redefines the cluster (new uid, epoch + 1).
+
+        Returns the cluster, how many nodes were removed, and the event's append id.
+        """
+        async with self._pool.acquire() as con, con.transaction():
+            await con.execute(LOCK_CLUSTER)
+            status = await con.execute(RESET_NODES)
+            deleted = int(status.split()[-1])
+            row = await con.fetchrow(RESET_CLUSTER)
+            cluster = Cluster(row["uid"], row["epoch"], row["create_time"])
+            payload = node_pb2.ClusterReset(cluster=self.cluster_proto(cluster))
+            append_id = await events.append(con, payload)
+        self._committed()
+        log.warning("cluster reset: %d nodes removed, epoch %d", deleted, cluster.epoch,
+                    extra={"event": "cluster_reset"})
+        return cluster, deleted, append_id
+
+    def cluster_proto(self, cluster: Cluster) -> node_pb2.Cluster:
+        """The cluster with this server's timing."""
+        t = self.timing
+        return convert.cluster_to_proto(
+            cluster, max_nodes=t.max_nodes, heartbeat_interval=t.heartbeat_interval,
+            check_in_window=t.check_in_window, lease_ttl=t.lease_ttl,
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, node_id: int) -> Node:
+        """One node."""
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(NODE_BY_ID, node_id)
+        if row is None:
+            raise NodeNotFoundError(node_id)
+        return Node.from_row(row)
+
+    async def get_cluster(self) -> tuple[Cluster, int, datetime]:
+        """The cluster, the head revision and the database's time."""
+        async with self._pool.acquire() as con:
+            r = await con.fetchrow(GET_CLUSTER)
+        return Cluster(r["uid"], r["epoch"], r["create_time"], r["node_count"], r["online_count"]), r["head"], r["now"]
+
+    async def list_nodes(self, after: tuple[int, int], limit: int) -> Page:
+        """A page of nodes (ONLINE first, then by id) from a snapshot that reflects exactly its revision."""
+        async with self._pool.acquire() as con, self._numberer.snapshot(con) as revision:
+            rows = await con.fetch(LIST_NODES_PAGE, after[0], after[1], limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        now = rows[0]["now"] if rows else datetime.now().astimezone()
+        next_key = (rows[-1]["rank"], rows[-1]["id"]) if more else None
+        return Page([Node.from_row(r) for r in rows], next_key, revision, now)
+
+    async def snapshot(self, node_ids: frozenset[int]) -> tuple[list[Node], int, int]:
+        """Every node (or the given ones), the cluster epoch, and the revision they reflect exactly."""
+        async with self._pool.acquire() as con, self._numberer.snapshot(con) as revision:
+            rows = await con.fetch(SNAPSHOT_NODES, sorted(node_ids))
+            epoch = await con.fetchval(CLUSTER_EPOCH)
+        return [Node.from_row(r) for r in rows], int(epoch), revision
+
+    async def node_status(self, node_id: int) -> tuple[Node, list[Node], int]:
+        """One node's view: itself, the online nodes, and the revision."""
+        async with self._pool.acquire() as con, self._numberer.snapshot(con) as revision:
+            row = await con.fetchrow(NODE_BY_ID, node_id)
+            online = await con.fetch(ONLINE_NODES)
+        if row is None:
+            raise NodeNotFoundError(node_id)
+        return Node.from_row(row), [Node.from_row(r) for r in online], revision
+
+    async def list_loads(self, after_id: int, limit: int) -> LoadsPage:
+        """A page of loads by node id."""
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(LIST_LOADS_PAGE, after_id, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        now = rows[0]["now"] if rows else datetime.now().astimezone()
+        return LoadsPage(rows, rows[-1]["id"] if more else None, now)
+
+    # -- the reaper ----------------------------------------------------------------------------
+
+    async def sweep(self, *, outage_threshold: timedelta, max_credit: timedelta) -> int:
+        """One reaper pass: tick the outage clock, credit outages, then suspect, recover, expire.
+
+        Safe with every replica sweeping at once: passes serialize on the clock row, and each
+        transition re-checks its condition under the row lock. Returns how many events it wrote.
+        """
+        written = 0
+        async with self._pool.acquire() as con:
+            async with con.transaction():
+                await clock.tick(con, threshold=outage_threshold, cap=max_credit)
+                marker = await con.fetchval(OUTAGE_MARKER)
+                outages = await clock.outages_after(con, marker)
+                if outages:
+                    credit = sum((o.credited for o in outages), timedelta())
+                    await con.execute(CREDIT_LEASES, credit)
+                    await con.execute(SET_OUTAGE_MARKER, outages[-1].id)
+                for row in await con.fetch(SWEEP_HEALTH):
+                    node = Node.from_row(row)
+                    cls = node_pb2.NodeSuspected if node.health == Health.MISSED_CHECK_IN else node_pb2.NodeRecovered
+                    await events.append(con, cls(node=convert.node_to_proto(node)), node_id=node.id)
+                    written += 1
+                    log.info("node %s %s", node.id,
+                             "missed its check-in" if cls is node_pb2.NodeSuspected else "checked in again",
+                             extra={"event": "node_health", "node": node.id, "health": node.health.name})
+                for row in await con.fetch(SWEEP_EXPIRED):
+                    node = Node.from_row(row)
+                    payload = node_pb2.NodeStateChanged(node=convert.node_to_proto(node),
+                                                        previous_state=int(State.ONLINE))
+                    await events.append(con, payload, node_id=node.id)
+                    written += 1
+                    log.warning("node %s lease expired: OFFLINE", node.id,
+                                extra={"event": "node_lease_expired", "node": node.id})
+                stuck = [r["id"] for r in await con.fetch(STUCK_DELETING, timedelta(seconds=10))]
+            for node_id in stuck:
+                w = await self._finish_delete(con, node_id)
+                written += bool(w.append_id)
+        if written:
+            self._committed()
+        return written
