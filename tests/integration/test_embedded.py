@@ -100,6 +100,13 @@ def test_start_query_restart_stop(data_dir: Path) -> None:
 
         pid = pg.pid
         assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        pg.start()  # right away: start() waits for the killed postmaster to be gone
+        assert _gone(pid)
+        assert _fetchval(pg.url, "SELECT 1") == 1
+
+        pid = pg.pid
+        assert pid is not None
         pg.stop()
         assert not pg.running
         assert pg.pid is None

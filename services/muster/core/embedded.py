@@ -48,6 +48,7 @@ _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": si
 _INIT_TIMEOUT = 300.0
 _LOG_TAIL_LINES = 40
 _POLL_INTERVAL = 0.02
+_PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
 
 # Servers started by this process and not stopped yet: stopped at interpreter exit.
 _LIVE: set[EmbeddedPostgres] = set()
@@ -111,7 +112,9 @@ class EmbeddedPostgres:
     def start(self, timeout: float = 60.0) -> None:
         """Initialises the cluster if needed, starts the server and waits until it is ready.
 
-        Does nothing when the server is already running.
+        Does nothing when the server is already running. A server that is exiting
+        (just killed, or shutting down after a signal sent from outside) is waited for,
+        then started again.
 
         Args:
             timeout: Seconds to wait for the server to accept connections (a first
@@ -122,8 +125,12 @@ class EmbeddedPostgres:
                 did not accept connections in time (the message ends with the tail of
                 the server log).
         """
-        if self.running:
-            return
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            if not self._exiting(proc.pid):
+                return
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
         self._forget_dead_child()
         self._start(self._requested_port, timeout)
 
@@ -240,10 +247,13 @@ class EmbeddedPostgres:
             self._prepare_parent_for(run_as)
         else:
             self._data_dir.parent.mkdir(parents=True, exist_ok=True)
-        password = self._ensure_password()
-        self._ensure_cluster(install, run_as, password)
+        password, new_password = self._ensure_password()
+        created = self._ensure_cluster(install, run_as, password)
         self._fix_data_dir(run_as)
         self._kill_leftovers()
+        if new_password and not created:
+            # An existing cluster whose password file was lost: give it the new password.
+            self._single_user(install, run_as, self._data_dir, f"ALTER ROLE {_ROLE} PASSWORD '{password}'")
         self._prepare_log(run_as)
 
         pick_port = port is None
@@ -335,6 +345,31 @@ class EmbeddedPostgres:
                 return "did not accept connections in time"
             time.sleep(_POLL_INTERVAL)
 
+    def _exiting(self, pid: int) -> bool:
+        """Whether the live postmaster ``pid`` is about to exit.
+
+        ``os.kill(pid, SIGKILL)`` returns before the process is gone: the pending
+        signal or the kernel's PF_EXITING flag says it is on its way out. Once the
+        postmaster has handled a shutdown signal, postmaster.pid says "stopping".
+        """
+        try:
+            stat_line = Path(f"/proc/{pid}/stat").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return True
+        fields = stat_line[stat_line.rfind(")") + 2 :].split()
+        if fields[0] in ("Z", "X", "x") or int(fields[6]) & _PF_EXITING:
+            return True
+        fatal = sum(1 << (sig - 1) for sig in (signal.SIGKILL, *_STOP_SIGNALS.values()))
+        for line in status.splitlines():
+            if line.startswith(("SigPnd:", "ShdPnd:")) and int(line.split()[1], 16) & fatal:
+                return True
+        try:
+            lines = (self._data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return True
+        return len(lines) >= 8 and lines[7].strip() == "stopping"
+
     def _forget_dead_child(self) -> None:
         if self._proc is not None:
             self.stop("immediate", timeout=5.0)
@@ -347,11 +382,13 @@ class EmbeddedPostgres:
                 return None
         return self._password
 
-    def _ensure_password(self) -> str:
-        """Returns the stored password, creating the 0600 password file on first use."""
+    def _ensure_password(self) -> tuple[str, bool]:
+        """Returns the stored password and whether it was just created (0600 file)."""
         password = self._read_password()
-        if password:
-            return password
+        if password is not None:
+            if not password:
+                raise RuntimeError(f"the password file {self._password_file} is empty")
+            return password, False
         password = secrets.token_urlsafe(24)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._password_file.name}.", dir=self._password_file.parent)
         try:
@@ -370,18 +407,22 @@ class EmbeddedPostgres:
             os.unlink(tmp)
         self._password = None
         stored = self._read_password()
-        assert stored
-        return stored
+        if not stored:
+            raise RuntimeError(f"the password file {self._password_file} is empty")
+        return stored, stored == password
 
-    def _ensure_cluster(self, install: Path, run_as: _RunAs | None, password: str) -> None:
+    def _ensure_cluster(self, install: Path, run_as: _RunAs | None, password: str) -> bool:
         """Runs initdb and creates the ``muster`` database unless the cluster exists.
 
         The cluster is built in a temporary sibling directory and renamed into place,
         so an interrupted first start leaves no half-initialised data directory.
+
+        Returns:
+            Whether a new cluster was created.
         """
         data = self._data_dir
         if (data / "PG_VERSION").is_file():
-            return
+            return False
         if data.exists() and any(data.iterdir()):
             raise RuntimeError(f"{data} is neither empty nor a PostgreSQL data directory")
         build = Path(tempfile.mkdtemp(prefix=f".{data.name}.initdb-", dir=data.parent))
@@ -411,20 +452,25 @@ class EmbeddedPostgres:
                 os.close(pw_fd)
             os.unlink(pw_file)
         try:
-            single = [str(install / "bin" / "postgres"), "--single", "-D", str(build)]
-            if not self._fsync:
-                single += ["-c", "fsync=off"]
-            out = self._run_logged(
-                [*single, "postgres"], run_as, "CREATE DATABASE", stdin=f"CREATE DATABASE {_DATABASE};\n"
-            )
-            if "ERROR:" in out or "FATAL:" in out:
-                raise RuntimeError(f"CREATE DATABASE {_DATABASE} failed in {build}:\n{_tail(out)}")
+            self._single_user(install, run_as, build, f"CREATE DATABASE {_DATABASE}")
             if data.exists():
                 data.rmdir()
             os.rename(build, data)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
+        return True
+
+    def _single_user(self, install: Path, run_as: _RunAs | None, data: Path, statement: str) -> None:
+        """Runs one SQL statement in single-user mode (the server must not be running)."""
+        args = [str(install / "bin" / "postgres"), "--single", "-D", str(data)]
+        if not self._fsync:
+            args += ["-c", "fsync=off"]
+        what = statement.split(" PASSWORD ", 1)[0]
+        out = self._run_logged([*args, "postgres"], run_as, what, stdin=f"{statement};\n")
+        # Single-user mode exits with 0 after an ERROR.
+        if "ERROR:" in out or "FATAL:" in out:
+            raise RuntimeError(f"{what} failed in {data}:\n{_tail(out)}")
 
     def _run_logged(self, args: list[str], run_as: _RunAs | None, what: str, stdin: str = "") -> str:
         """Runs a setup command, appends its output to the log, and raises if it fails."""
