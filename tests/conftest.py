@@ -91,16 +91,21 @@ async def database_url(pg_url: str, template_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def own_pg(tmp_path: Path) -> Iterator[object]:
-    """A PostgreSQL of this test's own, for tests that stop or restart the database."""
+def own_pg() -> Iterator[object]:
+    """A PostgreSQL of this test's own, for tests that stop or restart the database.
+
+    Its directory is under the system temp dir: pytest's own tmp tree is 0700 at every level,
+    which the unprivileged PostgreSQL user (when tests run as root) cannot traverse.
+    """
     from muster.core.embedded import EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path / "pgdata", fsync=False)
-    pg.start()
-    try:
-        yield pg
-    finally:
-        pg.stop("immediate")
+    with tempfile.TemporaryDirectory(prefix="muster-own-pg-") as tmp:
+        pg = EmbeddedPostgres(Path(tmp) / "data", fsync=False)
+        pg.start()
+        try:
+            yield pg
+        finally:
+            pg.stop("immediate")
 
 
 @pytest.fixture

@@ -76,7 +76,6 @@ GET_CLUSTER = """
 SELECT c.uid::text, c.epoch, c.create_time,
        (SELECT count(*) FROM registry.nodes) AS node_count,
        (SELECT count(*) FROM registry.nodes WHERE state = 2 AND health = 1) AS online_count,
-       (SELECT revision FROM core.head WHERE id = 1) AS head,
        now() AS now
 FROM registry.cluster c WHERE c.id = 1
 """
@@ -379,10 +378,10 @@ class RegistryStore:
         return Node.from_row(row)
 
     async def get_cluster(self) -> tuple[Cluster, int, datetime]:
-        """The cluster, the head revision and the database's time."""
-        async with self._pool.acquire() as con:
+        """The cluster, the revision it reflects (every committed change numbered), and the database's time."""
+        async with self._pool.acquire() as con, self._numberer.snapshot(con) as revision:
             r = await con.fetchrow(GET_CLUSTER)
-        return Cluster(r["uid"], r["epoch"], r["create_time"], r["node_count"], r["online_count"]), r["head"], r["now"]
+        return Cluster(r["uid"], r["epoch"], r["create_time"], r["node_count"], r["online_count"]), revision, r["now"]
 
     async def list_nodes(self, after: tuple[int, int], limit: int) -> Page:
         """A page of nodes (ONLINE first, then by id) from a snapshot that reflects exactly its revision."""
