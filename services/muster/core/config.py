@@ -74,6 +74,7 @@ class Settings(BaseSettings):
     )
     event_retention: timedelta = Field(timedelta(hours=1), description="Events are kept at least this long.")
     event_retention_events: int = Field(100_000, ge=1, description="The newest N events are always kept.")
+    compaction_interval: timedelta = Field(timedelta(seconds=10), description="How often old events are compacted.")
     progress_interval: timedelta = Field(timedelta(seconds=5), description="Idle watch streams get a mark this often.")
     poll_interval: timedelta = Field(timedelta(seconds=1), description="Fallback poll for lost notifications.")
     stream_max_lag: int = Field(10_000, ge=1, description="A watcher this many events behind is cut.")
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
         "max_outage_credit",
         "outage_threshold",
         "event_retention",
+        "compaction_interval",
         "progress_interval",
         "poll_interval",
         "stream_write_timeout",

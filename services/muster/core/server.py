@@ -129,15 +129,16 @@ async def _watch_database(runtime: Runtime, names: list[str]) -> None:
 async def _maintain(runtime: Runtime) -> None:
     """Ticks the outage clock every second and compacts the event log now and then."""
     s = runtime.settings
-    n = 0
+    loop = asyncio.get_running_loop()
+    next_compaction = loop.time() + s.compaction_interval.total_seconds()
     while True:
         await asyncio.sleep(1.0)
-        n += 1
         try:
             async with runtime.pool.acquire() as con, con.transaction():
                 await clock.tick(con, threshold=s.outage_threshold, cap=s.max_outage_credit)
             runtime.bus.numberer.kick()
-            if n % 10 == 0:
+            if loop.time() >= next_compaction:
+                next_compaction = loop.time() + s.compaction_interval.total_seconds()
                 await events.compact(runtime.pool, keep_events=s.event_retention_events, keep_for=s.event_retention)
         except asyncio.CancelledError:
             raise

@@ -22,6 +22,7 @@ from muster.core.errors import FailedPreconditionError, InvalidArgumentError, Sh
 from muster.core.events import EventBus, StoredEvent
 
 _MAX_BATCH = 1_000
+_MAX_MESSAGE_BYTES = 1024 * 1024  # well under gRPC's default 4 MB receive limit
 _MAX_FILTER = 1_000
 
 Snapshot = Callable[[frozenset[int]], Awaitable[pb.Resync]]
@@ -130,11 +131,13 @@ async def run_watch(
                     cursor = await resync()  # the history we needed was compacted while we lagged
                     last_sent = time.monotonic()
                     continue
-                wanted = [e.proto for e in events if flt.matches(e)]
-                cursor = events[-1].revision
-                if wanted:
-                    await send(pb.WatchEventsResponse(through_revision=cursor, events=pb.EventBatch(events=wanted)))
+                wanted = [e for e in events if flt.matches(e)]
+                for chunk in _chunks(wanted):
+                    through = chunk[-1].revision if chunk[-1] is not wanted[-1] else events[-1].revision
+                    batch = pb.EventBatch(events=[e.proto for e in chunk])
+                    await send(pb.WatchEventsResponse(through_revision=through, events=batch))
                     last_sent = time.monotonic()
+                cursor = events[-1].revision
                 lag = bus.head - cursor
                 if lag > limits.max_lag:
                     raise SlowConsumerError(cursor, lag, _retry_after())
@@ -149,6 +152,20 @@ async def run_watch(
             await bus.wait(cursor, progress_every - idle)
     finally:
         streams.count -= 1
+
+
+def _chunks(events: list[StoredEvent]) -> list[list[StoredEvent]]:
+    """Splits events into messages of at most ~1 MB (one oversized event goes alone)."""
+    out: list[list[StoredEvent]] = []
+    size = 0
+    for ev in events:
+        n = ev.proto.ByteSize()
+        if not out or size + n > _MAX_MESSAGE_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(ev)
+        size += n
+    return out
 
 
 def _retry_after() -> timedelta:
