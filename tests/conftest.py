@@ -108,8 +108,13 @@ def own_pg() -> Iterator[object]:
     """
     from muster.core.embedded import EmbeddedPostgres
 
+    import socket
+
+    with socket.socket() as sock:  # a fixed port, so that stop() then start() keeps it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="muster-own-pg-") as tmp:
-        pg = EmbeddedPostgres(Path(tmp) / "data", fsync=False)
+        pg = EmbeddedPostgres(Path(tmp) / "data", port=port, fsync=False)
         pg.start()
         try:
             yield pg

@@ -299,7 +299,7 @@ class EmbeddedPostgres:
             args += ["-c", "fsync=off", "-c", "full_page_writes=off"]
         with open(self._log_file, "ab") as log:
             return subprocess.Popen(
-                args,
+                _argv(run_as, args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -307,7 +307,6 @@ class EmbeddedPostgres:
                 env=_child_env(),
                 # Its own process group: a Ctrl-C meant for the caller does not reach it.
                 process_group=0,
-                **_user_kwargs(run_as),
             )
 
     def _wait_ready(
@@ -330,15 +329,14 @@ class EmbeddedPostgres:
                 return f"exited with code {code}"
             if _postmaster_ready(pid_file, proc.pid) and _accepts_tcp(port):
                 ready = subprocess.run(
-                    pg_isready,
+                    _argv(run_as, pg_isready),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     cwd=self._data_dir.parent,
                     env=_child_env(),
                     check=False,
-                    **_user_kwargs(run_as),
-                )
+                    )
                 if ready.returncode == 0 and proc.poll() is None:
                     return None
             if time.monotonic() >= deadline:
@@ -476,7 +474,7 @@ class EmbeddedPostgres:
         """Runs a setup command, appends its output to the log, and raises if it fails."""
         try:
             done = subprocess.run(
-                args,
+                _argv(run_as, args),
                 input=stdin.encode(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -484,7 +482,6 @@ class EmbeddedPostgres:
                 env=_child_env(),
                 timeout=_INIT_TIMEOUT,
                 check=False,
-                **_user_kwargs(run_as),
             )
         except subprocess.TimeoutExpired as exc:
             raise RuntimeError(f"{what} for {self._data_dir} timed out after {_INIT_TIMEOUT:.0f} s") from exc
@@ -659,11 +656,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _user_kwargs(run_as: _RunAs | None) -> dict[str, Any]:
+def _argv(run_as: _RunAs | None, args: list[str]) -> list[str]:
+    """The command, run as ``run_as`` through setpriv when given.
+
+    Not Popen's ``user=``/``group=``: with those CPython cannot vfork and falls back to fork(),
+    which runs gRPC's atfork handlers in a process with live gRPC threads and crashes the child
+    before exec. setpriv changes the ids after exec instead, and drops root's extra groups.
+    """
     if run_as is None:
-        return {}
-    # extra_groups=[] drops root's supplementary groups.
-    return {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        return args
+    return ["setpriv", f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--clear-groups", "--", *args]
 
 
 def _traversable_by(path: Path, run_as: _RunAs) -> bool:
