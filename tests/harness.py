@@ -57,6 +57,7 @@ class ServerProcess:
         self.address = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = log_path
+        self._own_log = False
         self._log = None
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
@@ -66,7 +67,13 @@ class ServerProcess:
         env["GRPC_VERBOSITY"] = "ERROR"
         env.setdefault("MUSTER_LISTEN", "127.0.0.1:0")
         cmd = [sys.executable, "-m", "muster.cli.main", "serve", self.services[0]]
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        if self.log_path is None:
+            import tempfile
+
+            fd, name = tempfile.mkstemp(prefix="muster-server-", suffix=".log")
+            os.close(fd)
+            self.log_path, self._own_log = Path(name), True
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=self._log, cwd=ROOT)
         deadline = time.monotonic() + timeout
         buf = b""
@@ -85,7 +92,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 break
         self.kill()
-        raise RuntimeError(f"server did not start: {buf.decode(errors='replace')[-2000:]}")
+        log = self.log_path.read_text(errors="replace")[-3000:] if self.log_path else ""
+        raise RuntimeError(f"server did not start: {buf.decode(errors='replace')[-2000:]}\n{log}")
 
     @property
     def pid(self) -> int:
@@ -120,6 +128,11 @@ class ServerProcess:
             self.terminate(10)
         if self.proc is not None and self.proc.stdout:
             self.proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._own_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -235,7 +248,12 @@ def apply_event(state: dict[int, object], ev) -> None:
         state.pop(msg.node_id, None)
     elif kind == "ClusterReset":
         state.clear()
-    elif kind in {"NodeJoined", "NodeStateChanged", "NodeModeChanged", "NodeSuspected", "NodeRecovered"}:
+    elif kind == "NodeModeChanged":
+        msg = node_pb2.NodeModeChanged()
+        ev.payload.Unpack(msg)
+        if msg.node_id in state:
+            state[msg.node_id].mode = msg.mode
+    elif kind in {"NodeJoined", "NodeStateChanged", "NodeSuspected", "NodeRecovered"}:
         cls = getattr(node_pb2, kind)
         msg = cls()
         ev.payload.Unpack(msg)

@@ -181,9 +181,8 @@ async def test_a_consumer_too_slow_is_cut_with_a_retry_hint_and_resumes_losing_n
             r = await stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels))
             call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=0))
             through = (await call.read()).through_revision
-            await asyncio.gather(*(
-                stub.SetNodeMode(pb.SetNodeModeRequest(node_id=r.node.id, mode=[DRAINING, ACTIVE][i % 2]))
-                for i in range(1400)
+            await asyncio.gather(*(  # re-joins: each NodeJoined carries the whole node with its labels
+                stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels)) for i in range(1400)
             ))
             seen: list[int] = []
             with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -53,6 +53,15 @@ async def wait_for_database(dsn: str, *, timeout: float, what: str = "database")
             delay = min(delay * 2, 1.0)
 
 
+async def _keep_session(con: asyncpg.Connection) -> None:
+    """Pool release hook: no reset query.
+
+    asyncpg still rolls back an open transaction on release; the full reset (``UNLISTEN *``,
+    ``RESET ALL``, advisory unlock) would cost a round trip per release, and pooled connections
+    never hold session state here (LISTEN and session locks live on dedicated connections).
+    """
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:
     """Creates the pool once the database is reachable.
 
@@ -66,6 +75,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float) ->
         max_size=max_size,
         server_settings=SERVER_SETTINGS,
         max_inactive_connection_lifetime=60,
+        reset=_keep_session,
         command_timeout=30,
     )
 

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "muster_events"
 _PASS_LIMIT = 20_000
 
-APPEND = "INSERT INTO core.events (kind, node_id, payload) VALUES ($1, $2, $3) RETURNING append_id"
+APPEND = "SELECT core.append_event($1, $2, $3)"
 LOCK_HEAD = "LOCK TABLE core.head IN EXCLUSIVE MODE"
 NUMBER = """
 WITH pending AS (

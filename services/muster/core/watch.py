@@ -119,6 +119,7 @@ async def run_watch(
         if cursor == 0 or cursor < compacted:
             cursor = await resync()
         last_sent = time.monotonic()
+        prev_lag = bus.head - cursor
         while True:
             if streams.closing:
                 raise ShuttingDownError()
@@ -138,9 +139,11 @@ async def run_watch(
                     await send(pb.WatchEventsResponse(through_revision=through, events=batch))
                     last_sent = time.monotonic()
                 cursor = events[-1].revision
+                # Cut a stream that falls further behind, not one catching up from history.
                 lag = bus.head - cursor
-                if lag > limits.max_lag:
+                if lag > limits.max_lag and lag >= prev_lag:
                     raise SlowConsumerError(cursor, lag, _retry_after())
+                prev_lag = lag
                 continue
             idle = time.monotonic() - last_sent
             if idle >= progress_every:

@@ -66,7 +66,13 @@ UPDATE registry.nodes SET state = $2, state_reason = $3, health = 0, state_time 
 WHERE id = $1 RETURNING *
 """
 DELETE_NODE = "DELETE FROM registry.nodes WHERE id = $1 AND state = 4 RETURNING id, address"
-SET_MODE = "UPDATE registry.nodes SET mode = $2 WHERE id = $1 AND mode <> $2 RETURNING *"
+# One statement: the change and its event commit together in a single round trip (the payload,
+# the resulting mode, is known before the statement runs).
+SET_MODE = """
+WITH n AS (UPDATE registry.nodes SET mode = $2 WHERE id = $1 AND mode <> $2 RETURNING *),
+     e AS (SELECT core.append_event($3, n.id, $4) AS append_id FROM n)
+SELECT n.*, e.append_id FROM n, e
+"""
 RESET_NODES = "DELETE FROM registry.nodes"
 RESET_CLUSTER = """
 UPDATE registry.cluster SET epoch = epoch + 1, uid = gen_random_uuid(), create_time = now()
@@ -327,16 +333,16 @@ class RegistryStore:
 
     async def set_mode(self, node_id: int, mode: Mode) -> Written:
         """Drains or undrains a node; no event when the mode is already set."""
-        async with self._pool.acquire() as con, con.transaction():
-            row = await con.fetchrow(SET_MODE, node_id, int(mode))
+        payload = node_pb2.NodeModeChanged(node_id=node_id, mode=int(mode))
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(SET_MODE, node_id, int(mode), events.kind_of(payload),
+                                     payload.SerializeToString())
             if row is None:
                 current = await con.fetchrow(NODE_BY_ID, node_id)
                 if current is None:
                     raise NodeNotFoundError(node_id)
                 return Written(Node.from_row(current), 0)
-            node = Node.from_row(row)
-            append_id = await events.append(con, node_pb2.NodeModeChanged(node=convert.node_to_proto(node)),
-                                            node_id=node_id)
+        node, append_id = Node.from_row(row), row["append_id"]
         self._committed()
         log.info("node %s mode %s", node_id, mode.name, extra={"event": "node_mode", "node": node_id})
         return Written(node, append_id)

@@ -32,3 +32,11 @@ CREATE TABLE core.outages (
     end_time timestamptz NOT NULL,
     credited interval NOT NULL
 );
+
+-- Appends an un-numbered event in the caller's transaction (or statement) and returns its
+-- append id. Services call this instead of writing core.events themselves, so a change and
+-- its event can be one statement.
+CREATE FUNCTION core.append_event(kind text, node_id bigint, payload bytea) RETURNS bigint
+LANGUAGE sql VOLATILE AS $$
+    INSERT INTO core.events (kind, node_id, payload) VALUES (kind, node_id, payload) RETURNING append_id
+$$;

@@ -384,23 +384,25 @@ Global___NodeStateChanged: _TypeAlias = NodeStateChanged  # noqa: Y015
 
 @_typing.final
 class NodeModeChanged(_message.Message):
-    """Event payload: a node's mode changed."""
+    """Event payload: a node's mode changed. Carries the resulting mode (applying it twice is harmless)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    NODE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def node(self) -> Global___Node:
-        """The node's resulting state."""
-
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    """The node's id."""
+    mode: Global___Node.Mode.ValueType
+    """The node's resulting mode."""
     def __init__(
         self,
         *,
-        node: Global___Node | None = ...,
+        node_id: _builtins.int = ...,
+        mode: Global___Node.Mode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
