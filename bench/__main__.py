@@ -28,10 +28,16 @@ def _machine() -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workloads", nargs="*", choices=[[], *workloads.ALL], metavar="WORKLOAD",
-                        help=f"any of: {', '.join(workloads.ALL)} (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "workloads",
+        nargs="*",
+        choices=[[], *workloads.ALL],
+        metavar="WORKLOAD",
+        help=f"any of: {', '.join(workloads.ALL)} (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="one short run each (CI): no speed claims")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of a timed run (default 5)")

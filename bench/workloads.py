@@ -37,8 +37,11 @@ def _report(name: str, unit: str, runs: list[float], latencies: list[float]) -> 
     lat = sorted(latencies)
     p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else 0.0
-    print(f"{name} {value:,.0f} {unit} (runs {len(runs)}: {min(runs):,.0f}..{max(runs):,.0f}) "
-          f"p50 {p50:.2f} ms p99 {p99:.2f} ms", flush=True)
+    print(
+        f"{name} {value:,.0f} {unit} (runs {len(runs)}: {min(runs):,.0f}..{max(runs):,.0f}) "
+        f"p50 {p50:.2f} ms p99 {p99:.2f} ms",
+        flush=True,
+    )
 
 
 def _run_clients(target: Callable[..., Result], args_per_process: list[tuple]) -> list[Result]:
@@ -86,8 +89,11 @@ def _upsert_client(url: str, tasks: int, seconds: float, offset: int, start_at: 
             key = offset + i
             while time.monotonic() < end:
                 s = time.monotonic()
-                await pool.execute("INSERT INTO bench_upserts (id, v) VALUES ($1, 1) "
-                                   "ON CONFLICT (id) DO UPDATE SET v = bench_upserts.v + 1", key)
+                await pool.execute(
+                    "INSERT INTO bench_upserts (id, v) VALUES ($1, 1) "
+                    "ON CONFLICT (id) DO UPDATE SET v = bench_upserts.v + 1",
+                    key,
+                )
                 lat.append(time.monotonic() - s)
                 count += 1
 
@@ -104,6 +110,7 @@ def upserts(opts: Options) -> None:
     import asyncpg
 
     with control_plane(0, fsync=opts.fsync) as cluster:
+
         async def setup() -> None:
             con = await asyncpg.connect(cluster.database_url)
             await con.execute("CREATE TABLE bench_upserts (id int PRIMARY KEY, v int NOT NULL)")
@@ -112,8 +119,10 @@ def upserts(opts: Options) -> None:
         asyncio.run(setup())
         runs, lats = [], []
         for _ in range(opts.runs):
-            results = _run_clients(_upsert_client, [(cluster.database_url, n, opts.seconds, i * 1000)
-                                                    for i, n in enumerate(_split(opts.concurrency, 2))])
+            results = _run_clients(
+                _upsert_client,
+                [(cluster.database_url, n, opts.seconds, i * 1000) for i, n in enumerate(_split(opts.concurrency, 2))],
+            )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
         _report(f"postgres-upserts c={opts.concurrency}", "upserts/s", runs, lats)
@@ -174,9 +183,13 @@ def _heartbeat_client(address: str, tasks: int, beats: int, nodes: list[tuple[in
                     node_id, lease_id = nodes[j % len(nodes)]
                     j += tasks
                     s = time.monotonic()
-                    await stub.Heartbeat(pb.HeartbeatRequest(
-                        node_id=node_id, lease_id=lease_id,
-                        load=node_pb2.Load(load1=0.5, load5=0.4, load15=0.3, cpu_count=4, session_count=2)))
+                    await stub.Heartbeat(
+                        pb.HeartbeatRequest(
+                            node_id=node_id,
+                            lease_id=lease_id,
+                            load=node_pb2.Load(load1=0.5, load5=0.4, load15=0.3, cpu_count=4, session_count=2),
+                        )
+                    )
                     lat.append(time.monotonic() - s)
 
             await asyncio.gather(*(one(k) for k in range(tasks)))
@@ -213,8 +226,9 @@ def joins(opts: Options) -> None:
         runs, lats = [], []
         for run in range(opts.runs):
             parts = _split(opts.concurrency, 2)
-            results = _run_clients(_join_client, [(cluster.addresses[0], n, total // 2, f"r{run}p{i}")
-                                                  for i, n in enumerate(parts)])
+            results = _run_clients(
+                _join_client, [(cluster.addresses[0], n, total // 2, f"r{run}p{i}") for i, n in enumerate(parts)]
+            )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
         _report(f"joins n={total} c={opts.concurrency} replicas=1", "joins/s", runs, lats)
@@ -228,8 +242,9 @@ def heartbeats(opts: Options) -> None:
         runs, lats = [], []
         for _ in range(opts.runs):
             parts = _split(opts.concurrency, 2)
-            results = _run_clients(_heartbeat_client, [(cluster.addresses[0], n, total // 2, nodes[i::2])
-                                                       for i, n in enumerate(parts)])
+            results = _run_clients(
+                _heartbeat_client, [(cluster.addresses[0], n, total // 2, nodes[i::2]) for i, n in enumerate(parts)]
+            )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
         _report(f"heartbeats n={total} c={opts.concurrency} replicas=1", "heartbeats/s", runs, lats)
@@ -274,6 +289,7 @@ def _change_client(addresses: list[str], tasks: int, seconds: float, nodes: list
 def _watch_client(address: str, seconds: float, start_at: float) -> Result:
     """Follows the stream from the head until the writers stop and it has caught up; reports how
     many events it saw and how long after the writers stopped it reached the final head."""
+
     async def main() -> Result:
         import grpc
 
@@ -316,9 +332,13 @@ def changes(opts: Options) -> None:
             start_at = time.monotonic() + 3.0
             with ctx.Pool(3) as pool:
                 watcher = pool.apply_async(_watch_client, (cluster.addresses[1], opts.seconds, start_at))
-                writers = [pool.apply_async(_change_client, (cluster.addresses, n, opts.seconds,
-                                                             nodes[sum(parts[:i]):sum(parts[:i + 1])], start_at))
-                           for i, n in enumerate(parts)]
+                writers = [
+                    pool.apply_async(
+                        _change_client,
+                        (cluster.addresses, n, opts.seconds, nodes[sum(parts[:i]) : sum(parts[: i + 1])], start_at),
+                    )
+                    for i, n in enumerate(parts)
+                ]
                 results = [w.get(timeout=600) for w in writers]
                 seen = watcher.get(timeout=600)
             total = sum(r.count for r in results)
@@ -328,12 +348,16 @@ def changes(opts: Options) -> None:
             if seen.count < total:
                 raise AssertionError(f"the watcher saw {seen.count} of {total} changes")
         _report(f"state-changes c={opts.concurrency} replicas=2", "changes/s", runs, lats)
-        print(f"state-changes watcher caught up {max(lags) * 1000:.0f} ms after the writers stopped "
-              f"(runs {len(lags)}: {min(lags) * 1000:.0f}..{max(lags) * 1000:.0f} ms)", flush=True)
+        print(
+            f"state-changes watcher caught up {max(lags) * 1000:.0f} ms after the writers stopped "
+            f"(runs {len(lags)}: {min(lags) * 1000:.0f}..{max(lags) * 1000:.0f} ms)",
+            flush=True,
+        )
 
 
 def _store_writer(url: str, tasks: int, seconds: float, nodes: list[int], start_at: float) -> Result:
     """A replica's write path without gRPC: the registry store, this process's numbering passes."""
+
     async def main() -> Result:
         from datetime import timedelta
 
@@ -343,8 +367,9 @@ def _store_writer(url: str, tasks: int, seconds: float, nodes: list[int], start_
 
         pool = await db.create_pool(url, min_size=tasks, max_size=tasks, wait=30)
         numberer = events.Numberer(pool, lambda head: None)
-        store = RegistryStore(pool, numberer, Timing(timedelta(seconds=5), timedelta(seconds=15),
-                                                     timedelta(seconds=30), 0))
+        store = RegistryStore(
+            pool, numberer, Timing(timedelta(seconds=5), timedelta(seconds=15), timedelta(seconds=30), 0)
+        )
         lat: list[float] = []
         count = 0
         await _sleep_until(start_at)
@@ -381,9 +406,13 @@ def log(opts: Options) -> None:
             start_at = time.monotonic() + 3.0
             with ctx.Pool(3) as pool:
                 watcher = pool.apply_async(_watch_client, (cluster.addresses[0], opts.seconds, start_at))
-                writers = [pool.apply_async(_store_writer, (cluster.database_url, n, opts.seconds,
-                                                            nodes[sum(parts[:i]):sum(parts[:i + 1])], start_at))
-                           for i, n in enumerate(parts)]
+                writers = [
+                    pool.apply_async(
+                        _store_writer,
+                        (cluster.database_url, n, opts.seconds, nodes[sum(parts[:i]) : sum(parts[: i + 1])], start_at),
+                    )
+                    for i, n in enumerate(parts)
+                ]
                 results = [w.get(timeout=600) for w in writers]
                 seen = watcher.get(timeout=600)
             total = sum(r.count for r in results)
@@ -431,8 +460,9 @@ def grpc_floor(opts: Options) -> None:
     with control_plane(2, fsync=opts.fsync) as cluster:
         runs, lats = [], []
         for _ in range(opts.runs):
-            results = _run_clients(_floor_client, [(cluster.addresses, n, opts.seconds)
-                                                   for n in _split(opts.concurrency, 2)])
+            results = _run_clients(
+                _floor_client, [(cluster.addresses, n, opts.seconds) for n in _split(opts.concurrency, 2)]
+            )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
         _report(f"grpc-empty-calls c={opts.concurrency} replicas=2", "calls/s", runs, lats)

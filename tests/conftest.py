@@ -106,9 +106,9 @@ def own_pg() -> Iterator[object]:
     Its directory is under the system temp dir: pytest's own tmp tree is 0700 at every level,
     which the unprivileged PostgreSQL user (when tests run as root) cannot traverse.
     """
-    from muster.core.embedded import EmbeddedPostgres
-
     import socket
+
+    from muster.core.embedded import EmbeddedPostgres
 
     with socket.socket() as sock:  # a fixed port, so that stop() then start() keeps it
         sock.bind(("127.0.0.1", 0))

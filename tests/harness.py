@@ -49,8 +49,13 @@ class ServerProcess:
         env: extra ``MUSTER_*`` settings.
     """
 
-    def __init__(self, database_url: str, services: list[str] | None = None, env: dict[str, str] | None = None,
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        services: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
         self.database_url = database_url
         self.services = services or ["registry"]
         self.env = {**FAST_TIMING, **(env or {})}
@@ -262,8 +267,16 @@ def apply_event(state: dict[int, object], ev) -> None:
 
 def comparable(node) -> tuple:
     """The fields of a node that events must reproduce exactly."""
-    return (node.id, node.address, node.state, node.state_reason, node.mode, node.health, node.lease_id,
-            dict(node.labels))
+    return (
+        node.id,
+        node.address,
+        node.state,
+        node.state_reason,
+        node.mode,
+        node.health,
+        node.lease_id,
+        dict(node.labels),
+    )
 
 
 async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):

@@ -16,8 +16,8 @@ import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from harness import ROOT, Recorder, comparable, registry, servers, wait_for
+
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
@@ -42,8 +42,10 @@ async def test_an_outage_longer_than_the_lease_expires_no_node_that_kept_heartbe
             nodes = [(await stub.JoinNode(pb.JoinNodeRequest(host=f"o{i}", port=1))).node for i in range(6)]
             silent = (await stub.JoinNode(pb.JoinNodeRequest(host="silent", port=1))).node
             stop, failures = asyncio.Event(), []
-            beaters = [asyncio.create_task(_heartbeat_forever([a, b][i % 2].address, n, stop, failures))
-                       for i, n in enumerate(nodes)]
+            beaters = [
+                asyncio.create_task(_heartbeat_forever([a, b][i % 2].address, n, stop, failures))
+                for i, n in enumerate(nodes)
+            ]
             await asyncio.sleep(0.5)
             own_pg.stop("fast")
             await asyncio.sleep(4.0)  # lease_ttl is 1.5 s
@@ -64,7 +66,8 @@ async def test_an_outage_longer_than_the_lease_expires_no_node_that_kept_heartbe
         try:
             kinds = [r["kind"] for r in await con.fetch("SELECT kind FROM core.events ORDER BY revision")]
             expired = await con.fetchval(
-                "SELECT count(*) FROM registry.nodes WHERE state_reason = 'LEASE_EXPIRED' AND host <> 'silent'")
+                "SELECT count(*) FROM registry.nodes WHERE state_reason = 'LEASE_EXPIRED' AND host <> 'silent'"
+            )
             credited = await con.fetchval("SELECT max(credited) FROM core.outages")
         finally:
             await con.close()
@@ -83,8 +86,9 @@ async def _health_log(address: str, stop: asyncio.Event, seen: list) -> None:
         stub = health_pb2_grpc.HealthStub(ch)
         while not stop.is_set():
             with contextlib.suppress(grpc.aio.AioRpcError):
-                r = await stub.Check(health_pb2.HealthCheckRequest(
-                    service="muster.api.registry.v1.RegistryService"), timeout=1)
+                r = await stub.Check(
+                    health_pb2.HealthCheckRequest(service="muster.api.registry.v1.RegistryService"), timeout=1
+                )
                 if not seen or seen[-1] != r.status:
                     seen.append(r.status)
             await asyncio.sleep(0.05)
@@ -114,8 +118,10 @@ async def test_a_database_restart_under_load_recovers_by_itself_and_loses_no_ack
     with servers(own_pg.url, 2, env={"MUSTER_POLL_INTERVAL": "30s"}) as (a, b):
         stop, watch_stop, health_seen, log = asyncio.Event(), asyncio.Event(), [], {}
         watcher = Recorder([b.address])
-        tasks = [asyncio.create_task(_health_log(a.address, watch_stop, health_seen)),
-                 asyncio.create_task(watcher.run(watch_stop))]
+        tasks = [
+            asyncio.create_task(_health_log(a.address, watch_stop, health_seen)),
+            asyncio.create_task(watcher.run(watch_stop)),
+        ]
         tasks += [asyncio.create_task(_writer(a.address, f"w{i}", stop, log)) for i in range(8)]
         await asyncio.sleep(1.5)
         own_pg.stop("immediate")  # a crash, not a clean stop
@@ -128,9 +134,15 @@ async def test_a_database_restart_under_load_recovers_by_itself_and_loses_no_ack
             # A change on A after the restart reaches the watcher on B without the (30 s) poll.
             target = log["w0"]["id"]
             started = time.monotonic()
-            done = await stub.SetNodeMode(pb.SetNodeModeRequest(
-                node_id=target, mode=node_pb2.Node.MODE_DRAINING if log["w0"]["acked"] != node_pb2.Node.MODE_DRAINING
-                else node_pb2.Node.MODE_ACTIVE, wait_for_revision=True))
+            done = await stub.SetNodeMode(
+                pb.SetNodeModeRequest(
+                    node_id=target,
+                    mode=node_pb2.Node.MODE_DRAINING
+                    if log["w0"]["acked"] != node_pb2.Node.MODE_DRAINING
+                    else node_pb2.Node.MODE_ACTIVE,
+                    wait_for_revision=True,
+                )
+            )
             await wait_for(lambda: watcher.through >= done.revision, timeout=10, what="delivery after restart")
             delivery = time.monotonic() - started
             listed = {n.address: n for n in (await stub.ListNodes(pb.ListNodesRequest())).nodes}
@@ -147,7 +159,10 @@ async def test_a_database_restart_under_load_recovers_by_itself_and_loses_no_ack
             continue
         allowed = {entry["acked"], *entry["after_ack"]} - {None}
         assert node.mode in allowed or (entry["acked"] is None and node.mode == node_pb2.Node.MODE_ACTIVE), (
-            name, node.mode, entry)
+            name,
+            node.mode,
+            entry,
+        )
     assert watcher.revisions == sorted(set(watcher.revisions))
     assert watcher.revisions[-1] - watcher.revisions[0] + 1 == len(watcher.revisions) or watcher.resyncs
     assert {k: comparable(v) for k, v in watcher.state.items()} == {v.id: comparable(v) for v in listed.values()}
@@ -164,17 +179,29 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
         url = urlunsplit(urlsplit(pg_url)._replace(path="/" + name))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MUSTER_")}
         env["MUSTER_DATABASE_URL"] = url
-        procs = [subprocess.Popen([sys.executable, "-m", "muster.cli.main", "migrate"], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(10)]
-        outs = [p.communicate(timeout=120) for p in procs]
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "muster.cli.main",
+                "migrate",
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(10)
+        ]
+        outs = [(o.decode(), e.decode()) for o, e in await asyncio.gather(*(p.communicate() for p in procs))]
         assert [p.returncode for p in procs] == [0] * 10, [o[1][-500:] for o in outs]
         appliers = [o for o, _ in outs if "applied core 0001_events" in o]
         assert len(appliers) == 1, outs
         assert sum("database is up to date" in o for o, _ in outs) == 9
         con = await asyncpg.connect(url)
         try:
-            rows = await con.fetch("SELECT component, version, count(*) OVER (PARTITION BY component, version) AS n "
-                                   "FROM core.migrations")
+            rows = await con.fetch(
+                "SELECT component, version, count(*) OVER (PARTITION BY component, version) AS n FROM core.migrations"
+            )
             assert {(r["component"], r["version"]) for r in rows} == {("core", 1), ("registry", 1)}
             assert all(r["n"] == 1 for r in rows)
         finally:

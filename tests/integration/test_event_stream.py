@@ -10,11 +10,10 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-
 from harness import Recorder, ServerProcess, apply_event, comparable, registry, servers, wait_for
-from muster.api.registry.v1 import node_pb2
+
+from muster.api.registry.v1 import node_pb2, registry_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.api.registry.v1 import registry_service_pb2_grpc
 
 DRAINING, ACTIVE = node_pb2.Node.MODE_DRAINING, node_pb2.Node.MODE_ACTIVE
 
@@ -48,8 +47,12 @@ async def _client(addresses: list[str], name: str, deadline: float, rng: random.
                         await stub.DeleteNode(pb.DeleteNodeRequest(node_id=r.node.id, force=True))
                         acked.append(("delete", r.node.id))
         except grpc.aio.AioRpcError as err:
-            if err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                  grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+            if err.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
                 raise
             i += 1
             await asyncio.sleep(0.02)
@@ -66,8 +69,15 @@ async def test_concurrent_writers_on_two_replicas_give_a_gap_free_ordered_stream
         deadline = time.monotonic() + 6
         acked: list = []
         clients = [
-            asyncio.create_task(_client([a.address, b.address] if i % 2 else [b.address, a.address],
-                                        f"c{i}", deadline, random.Random(i), acked))
+            asyncio.create_task(
+                _client(
+                    [a.address, b.address] if i % 2 else [b.address, a.address],
+                    f"c{i}",
+                    deadline,
+                    random.Random(i),
+                    acked,
+                )
+            )
             for i in range(16)
         ]
         await asyncio.sleep(3)
@@ -143,8 +153,9 @@ async def test_a_compacted_revision_gets_a_resync_equal_to_list_nodes_then_every
             assert first.WhichOneof("kind") == "resync"
             assert first.resync.revision == listed.revision == first.through_revision
             assert [comparable(n) for n in first.resync.nodes] == [comparable(n) for n in listed.nodes]
-            later = await stub.SetNodeMode(pb.SetNodeModeRequest(node_id=joined[1].node.id, mode=DRAINING,
-                                                                 wait_for_revision=True))
+            later = await stub.SetNodeMode(
+                pb.SetNodeModeRequest(node_id=joined[1].node.id, mode=DRAINING, wait_for_revision=True)
+            )
             nxt = await call.read()
             call.cancel()
             assert [e.revision for e in nxt.events.events] == [listed.revision + 1] == [later.revision]
@@ -153,9 +164,13 @@ async def test_a_compacted_revision_gets_a_resync_equal_to_list_nodes_then_every
 async def test_idle_streams_get_progress_marks_with_the_head(registry_server: ServerProcess) -> None:
     async with registry(registry_server.address) as stub:
         r = await stub.JoinNode(pb.JoinNodeRequest(host="p", port=1, wait_for_revision=True))
-        call = stub.WatchEvents(pb.WatchEventsRequest(
-            start_revision=r.revision, kinds=["muster.api.registry.v1.NodeModeChanged"],
-            progress_interval=duration_pb2.Duration(nanos=200_000_000)))
+        call = stub.WatchEvents(
+            pb.WatchEventsRequest(
+                start_revision=r.revision,
+                kinds=["muster.api.registry.v1.NodeModeChanged"],
+                progress_interval=duration_pb2.Duration(nanos=200_000_000),
+            )
+        )
         # A filtered-out change advances through_revision without an event.
         await stub.LeaveNode(pb.LeaveNodeRequest(node_id=r.node.id, lease_id=r.node.lease_id, wait_for_revision=True))
         marks = []
@@ -178,12 +193,14 @@ async def test_a_consumer_too_slow_is_cut_with_a_retry_hint_and_resumes_losing_n
             # Each event carries the node with ~15 KB of labels: ~20 MB in all, more than gRPC's
             # flow-control windows hold, so the server's writes block once the watcher stops reading.
             labels = {f"pad{i}": "x" * 250 for i in range(60)}
-            r = await stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels))
+            await stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels))
             call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=0))
             through = (await call.read()).through_revision
-            await asyncio.gather(*(  # re-joins: each NodeJoined carries the whole node with its labels
-                stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels)) for i in range(1400)
-            ))
+            await asyncio.gather(
+                *(  # re-joins: each NodeJoined carries the whole node with its labels
+                    stub.JoinNode(pb.JoinNodeRequest(host="slow", port=1, labels=labels)) for i in range(1400)
+                )
+            )
             seen: list[int] = []
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 async with asyncio.timeout(30):

@@ -6,8 +6,8 @@ import asyncio
 from datetime import timedelta
 
 from google.protobuf import timestamp_pb2
-
 from harness import ServerProcess, registry, wait_for
+
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
@@ -18,8 +18,9 @@ async def test_silent_node_misses_check_in_then_goes_offline_by_the_database_clo
     async with registry(registry_server.address) as stub:
         r = await stub.JoinNode(pb.JoinNodeRequest(host="quiet", port=1, wait_for_revision=True))
         far_future = timestamp_pb2.Timestamp(seconds=r.server_time.seconds + 10 * 365 * 86400)
-        hb = await stub.Heartbeat(pb.HeartbeatRequest(node_id=r.node.id, lease_id=r.node.lease_id,
-                                                      client_time=far_future))
+        hb = await stub.Heartbeat(
+            pb.HeartbeatRequest(node_id=r.node.id, lease_id=r.node.lease_id, client_time=far_future)
+        )
         # The client's clock changes nothing: the lease runs from the database's now.
         assert hb.lease_expire_time.ToDatetime() - hb.server_time.ToDatetime() == TTL
 
@@ -30,8 +31,9 @@ async def test_silent_node_misses_check_in_then_goes_offline_by_the_database_clo
             lambda: _when(node(), lambda n: n.health == node_pb2.Node.HEALTH_MISSED_CHECK_IN), what="missed check-in"
         )
         assert suspect.state == node_pb2.Node.STATE_ONLINE
-        offline = await wait_for(lambda: _when(node(), lambda n: n.state == node_pb2.Node.STATE_OFFLINE),
-                                 what="lease expiry")
+        offline = await wait_for(
+            lambda: _when(node(), lambda n: n.state == node_pb2.Node.STATE_OFFLINE), what="lease expiry"
+        )
         assert offline.state_reason == "LEASE_EXPIRED"
         assert offline.health == node_pb2.Node.HEALTH_UNSPECIFIED
 
@@ -71,6 +73,7 @@ async def test_heartbeating_nodes_stay_online_while_others_expire(registry_serve
 
         task = asyncio.create_task(beat())
         try:
+
             async def dead_state() -> int:
                 return (await stub.GetNode(pb.GetNodeRequest(node_id=dead.node.id))).node.state
 

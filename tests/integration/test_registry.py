@@ -6,13 +6,15 @@ import asyncio
 
 import grpc
 import pytest
-
 from harness import ServerProcess, error_reason, registry
+
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
 ONLINE, OFFLINE, DELETING, INVALID_LICENSE = (
-    node_pb2.Node.STATE_ONLINE, node_pb2.Node.STATE_OFFLINE, node_pb2.Node.STATE_DELETING,
+    node_pb2.Node.STATE_ONLINE,
+    node_pb2.Node.STATE_OFFLINE,
+    node_pb2.Node.STATE_DELETING,
     node_pb2.Node.STATE_INVALID_LICENSE,
 )
 
@@ -69,8 +71,11 @@ async def test_heartbeats_report_load_and_keepalive_answers_each(registry_server
 
         async def beats():
             for i in range(5):
-                yield pb.KeepAliveRequest(heartbeat=pb.HeartbeatRequest(
-                    node_id=r.node.id, lease_id=r.node.lease_id, load=node_pb2.Load(session_count=i)))
+                yield pb.KeepAliveRequest(
+                    heartbeat=pb.HeartbeatRequest(
+                        node_id=r.node.id, lease_id=r.node.lease_id, load=node_pb2.Load(session_count=i)
+                    )
+                )
 
         answers = [a async for a in stub.KeepAlive(beats())]
         assert len(answers) == 5
@@ -103,8 +108,9 @@ async def test_leave_sets_offline_and_heartbeats_then_say_join_again(registry_se
 async def test_leave_with_delete_node_on_exit_removes_the_row_through_deleting(registry_server) -> None:
     async with registry(registry_server.address) as stub:
         r = await _join(stub, "h5", wait_for_revision=True)
-        left = await stub.LeaveNode(pb.LeaveNodeRequest(node_id=r.node.id, lease_id=r.node.lease_id,
-                                                        delete_node=True, wait_for_revision=True))
+        left = await stub.LeaveNode(
+            pb.LeaveNodeRequest(node_id=r.node.id, lease_id=r.node.lease_id, delete_node=True, wait_for_revision=True)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.GetNode(pb.GetNodeRequest(node_id=r.node.id))
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -138,11 +144,13 @@ async def test_delete_refuses_an_online_node_with_sessions_unless_forced(registr
 async def test_set_node_mode_drains_and_undrains(registry_server) -> None:
     async with registry(registry_server.address) as stub:
         r = await _join(stub, "h7")
-        d = await stub.SetNodeMode(pb.SetNodeModeRequest(node_id=r.node.id, mode=node_pb2.Node.MODE_DRAINING,
-                                                         wait_for_revision=True))
+        d = await stub.SetNodeMode(
+            pb.SetNodeModeRequest(node_id=r.node.id, mode=node_pb2.Node.MODE_DRAINING, wait_for_revision=True)
+        )
         assert d.node.mode == node_pb2.Node.MODE_DRAINING and d.revision > 0
-        same = await stub.SetNodeMode(pb.SetNodeModeRequest(node_id=r.node.id, mode=node_pb2.Node.MODE_DRAINING,
-                                                            wait_for_revision=True))
+        same = await stub.SetNodeMode(
+            pb.SetNodeModeRequest(node_id=r.node.id, mode=node_pb2.Node.MODE_DRAINING, wait_for_revision=True)
+        )
         assert same.revision == 0  # nothing changed, no event
         a = await stub.SetNodeMode(pb.SetNodeModeRequest(node_id=r.node.id, mode=node_pb2.Node.MODE_ACTIVE))
         assert a.node.mode == node_pb2.Node.MODE_ACTIVE

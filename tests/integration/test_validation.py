@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-
 from harness import ServerProcess, error_reason, registry
+
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
@@ -31,8 +31,11 @@ CASES = [
     ("Heartbeat", pb.HeartbeatRequest(node_id=-1, lease_id=1), "node_id"),
     ("Heartbeat", pb.HeartbeatRequest(node_id=1, lease_id=0), "lease_id"),
     ("Heartbeat", pb.HeartbeatRequest(node_id=1, lease_id=1, load=node_pb2.Load(load15=1e300)), "load.load15"),
-    ("Heartbeat", pb.HeartbeatRequest(node_id=1, lease_id=1, load=node_pb2.Load(session_count=-2)),
-     "load.session_count"),
+    (
+        "Heartbeat",
+        pb.HeartbeatRequest(node_id=1, lease_id=1, load=node_pb2.Load(session_count=-2)),
+        "load.session_count",
+    ),
     ("LeaveNode", pb.LeaveNodeRequest(node_id=0, lease_id=1), "node_id"),
     ("LeaveNode", pb.LeaveNodeRequest(node_id=1, lease_id=-5), "lease_id"),
     ("GetNode", pb.GetNodeRequest(node_id=-7), "node_id"),
@@ -70,7 +73,9 @@ async def _state(stub) -> tuple:
     return cluster.head_revision, [(n.id, n.state, n.mode, n.lease_id, dict(n.labels)) for n in nodes.nodes]
 
 
-@pytest.mark.parametrize(("method", "request_", "field"), CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize(
+    ("method", "request_", "field"), CASES, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in enumerate(CASES)]
+)
 async def test_bad_input_is_invalid_argument_naming_the_field(joined, method, request_, field) -> None:
     stub, node = joined
     before = await _state(stub)

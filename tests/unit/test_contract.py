@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import grpc
-
 from harness import ROOT
+
 from muster.api.errors.v1 import error_reason_pb2
 from muster.core import errors
 from muster.registry import errors as registry_errors
@@ -31,18 +31,29 @@ def _all_error_classes() -> list[type[errors.MusterError]]:
 
 def test_error_reasons_are_pinned() -> None:
     # The client maps errors by these names; renaming one breaks every deployed client.
-    assert sorted(errors.REASONS) == sorted([
-        "INVALID_FIELD", "NODE_NOT_FOUND", "STALE_LEASE", "LEASE_EXPIRED", "NODE_LIMIT_REACHED",
-        "NODE_HAS_SESSIONS", "NODE_STATE", "STORE_UNAVAILABLE", "SLOW_CONSUMER", "SHUTTING_DOWN", "INTERNAL",
-        "FUTURE_REVISION",
-    ])
+    assert sorted(errors.REASONS) == sorted(
+        [
+            "INVALID_FIELD",
+            "NODE_NOT_FOUND",
+            "STALE_LEASE",
+            "LEASE_EXPIRED",
+            "NODE_LIMIT_REACHED",
+            "NODE_HAS_SESSIONS",
+            "NODE_STATE",
+            "STORE_UNAVAILABLE",
+            "SLOW_CONSUMER",
+            "SHUTTING_DOWN",
+            "INTERNAL",
+            "FUTURE_REVISION",
+        ]
+    )
     assert error_reason_pb2.ErrorReason.Value("ERROR_REASON_NODE_NOT_FOUND") == 2
 
 
 def test_every_domain_error_has_a_known_reason_and_fitting_code() -> None:
     _ = registry_errors  # imported so that its classes are registered as subclasses
     table = {cls.__name__: (cls.code, cls.reason) for cls in _all_error_classes()}
-    for name, (code, reason) in table.items():
+    for name, (_code, reason) in table.items():
         assert reason in errors.REASONS, name
     assert table["NodeNotFoundError"] == (grpc.StatusCode.NOT_FOUND, "NODE_NOT_FOUND")
     assert table["InvalidArgumentError"] == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
@@ -58,7 +69,7 @@ def test_status_carries_error_info_and_field_violation() -> None:
     assert st.code == grpc.StatusCode.INVALID_ARGUMENT
     from google.rpc import status_pb2
 
-    (key, value), = [(k, v) for k, v in st.trailing_metadata if k == "grpc-status-details-bin"]
+    ((key, value),) = [(k, v) for k, v in st.trailing_metadata if k == "grpc-status-details-bin"]
     details = status_pb2.Status.FromString(value).details
     info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
     assert details[0].Unpack(info) and details[1].Unpack(bad)

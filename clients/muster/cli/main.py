@@ -18,12 +18,24 @@ app = typer.Typer(
 
 SERVICES = ("registry",)
 
-ListenOpt = Annotated[str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")]
+ListenOpt = Annotated[
+    str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")
+]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of options. [env: MUSTER_CONFIG]")]
-HeartbeatOpt = Annotated[str | None, typer.Option(help="How often nodes heartbeat, e.g. 5s. [env: MUSTER_HEARTBEAT_INTERVAL; default 5s]")]
-WindowOpt = Annotated[str | None, typer.Option(help="No heartbeat this long: MISSED_CHECK_IN. [env: MUSTER_CHECK_IN_WINDOW; default 3 intervals]")]
-TtlOpt = Annotated[str | None, typer.Option(help="No heartbeat this long: OFFLINE (lease expired). [env: MUSTER_LEASE_TTL; default 30s]")]
-MaxNodesOpt = Annotated[int | None, typer.Option(help="The cluster's node limit, 0 for none. [env: MUSTER_MAX_NODES; default 0]")]
+HeartbeatOpt = Annotated[
+    str | None, typer.Option(help="How often nodes heartbeat, e.g. 5s. [env: MUSTER_HEARTBEAT_INTERVAL; default 5s]")
+]
+WindowOpt = Annotated[
+    str | None,
+    typer.Option(help="No heartbeat this long: MISSED_CHECK_IN. [env: MUSTER_CHECK_IN_WINDOW; default 3 intervals]"),
+]
+TtlOpt = Annotated[
+    str | None,
+    typer.Option(help="No heartbeat this long: OFFLINE (lease expired). [env: MUSTER_LEASE_TTL; default 30s]"),
+]
+MaxNodesOpt = Annotated[
+    int | None, typer.Option(help="The cluster's node limit, 0 for none. [env: MUSTER_MAX_NODES; default 0]")
+]
 
 
 def _server_imports() -> Any:
@@ -63,7 +75,13 @@ def _ready(what: str, database: str) -> Any:
 @app.command()
 def up(
     listen: ListenOpt = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded PostgreSQL keeps its data. [env: MUSTER_DATA_DIR; default: your data dir, /var/lib/muster for root]")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the embedded PostgreSQL keeps its data. "
+            "[env: MUSTER_DATA_DIR; default: ~/.local/share/muster, /var/lib/muster for root]"
+        ),
+    ] = None,
     config_file: ConfigOpt = None,
     heartbeat_interval: HeartbeatOpt = None,
     check_in_window: WindowOpt = None,
@@ -73,8 +91,14 @@ def up(
     """Run every service in this process on one port (embedded PostgreSQL unless MUSTER_DATABASE_URL is set)."""
     uvloop, config, server = _server_imports()
     settings = _settings(
-        config, listen=listen, data_dir=data_dir, config_file=config_file, heartbeat_interval=heartbeat_interval,
-        check_in_window=check_in_window, lease_ttl=lease_ttl, max_nodes=max_nodes,
+        config,
+        listen=listen,
+        data_dir=data_dir,
+        config_file=config_file,
+        heartbeat_interval=heartbeat_interval,
+        check_in_window=check_in_window,
+        lease_ttl=lease_ttl,
+        max_nodes=max_nodes,
     )
     server.configure_logging(settings.log_level)
     embedded = None
@@ -118,13 +142,20 @@ def serve(
         raise typer.Exit(2)
     uvloop, config, server = _server_imports()
     settings = _settings(
-        config, listen=listen, config_file=config_file, heartbeat_interval=heartbeat_interval,
-        check_in_window=check_in_window, lease_ttl=lease_ttl, max_nodes=max_nodes,
+        config,
+        listen=listen,
+        config_file=config_file,
+        heartbeat_interval=heartbeat_interval,
+        check_in_window=check_in_window,
+        lease_ttl=lease_ttl,
+        max_nodes=max_nodes,
     )
     server.configure_logging(settings.log_level)
     if settings.database_url is None:
-        typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… (or run `muster up` for everything in one process)",
-                   err=True)
+        typer.echo(
+            "muster: set MUSTER_DATABASE_URL=postgresql://… (or run `muster up` for everything in one process)",
+            err=True,
+        )
         raise typer.Exit(2)
     dsn = settings.database_url.get_secret_value()
     try:

@@ -143,8 +143,10 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init = init_settings()
-        path = init.get("config_file") or os.environ.get(ENV_PREFIX + "CONFIG_FILE") or os.environ.get(
-            ENV_PREFIX + "CONFIG"
+        path = (
+            init.get("config_file")
+            or os.environ.get(ENV_PREFIX + "CONFIG_FILE")
+            or os.environ.get(ENV_PREFIX + "CONFIG")
         )
         return init_settings, env_settings, _TomlSource(settings_cls, Path(path) if path else None)
 

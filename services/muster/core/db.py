@@ -39,7 +39,7 @@ async def wait_for_database(dsn: str, *, timeout: float, what: str = "database")
             con = await asyncpg.connect(dsn, timeout=5)
             await con.close()
             return
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             now = time.monotonic()
             if now >= deadline:
                 raise TimeoutError(

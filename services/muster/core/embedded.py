@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 from urllib.parse import quote
 
 __all__ = ["EmbeddedPostgres"]
@@ -336,7 +335,7 @@ class EmbeddedPostgres:
                     cwd=self._data_dir.parent,
                     env=_child_env(),
                     check=False,
-                    )
+                )
                 if ready.returncode == 0 and proc.poll() is None:
                     return None
             if time.monotonic() >= deadline:

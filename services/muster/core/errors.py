@@ -61,10 +61,14 @@ class MusterError(Exception):
         out = [info]
         if self.retry_after is not None:
             retry = any_pb2.Any()
-            retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(
-                seconds=int(self.retry_after.total_seconds()),
-                nanos=self.retry_after.microseconds * 1000,
-            )))
+            retry.Pack(
+                error_details_pb2.RetryInfo(
+                    retry_delay=duration_pb2.Duration(
+                        seconds=int(self.retry_after.total_seconds()),
+                        nanos=self.retry_after.microseconds * 1000,
+                    )
+                )
+            )
             out.append(retry)
         return out
 
@@ -82,9 +86,13 @@ class InvalidArgumentError(MusterError):
 
     def details(self) -> list[any_pb2.Any]:
         bad = any_pb2.Any()
-        bad.Pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
-        ]))
+        bad.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.description)
+                ]
+            )
+        )
         return [*super().details(), bad]
 
 
@@ -166,9 +174,7 @@ def _is_store_failure(exc: BaseException) -> bool:
 
 def to_status(err: MusterError) -> grpc.Status:
     """The ``grpc.Status`` (with rich details) a domain error is sent as."""
-    return rpc_status.to_status(
-        status_pb2.Status(code=err.code.value[0], message=str(err), details=err.details())
-    )
+    return rpc_status.to_status(status_pb2.Status(code=err.code.value[0], message=str(err), details=err.details()))
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: MusterError) -> NoReturn:

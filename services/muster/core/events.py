@@ -327,7 +327,7 @@ class EventBus:
             lost = asyncio.Event()
             try:
                 con = await db.connect(self._dsn, timeout=5)
-                con.add_termination_listener(lambda _c: lost.set())
+                con.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await con.add_listener(CHANNEL, self._on_notify)
                 self._listen_con = con
                 delay = 0.1

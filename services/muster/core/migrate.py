@@ -74,12 +74,19 @@ async def apply(con: asyncpg.Connection, migrations: list[Migration]) -> list[Mi
         for mig in migrations:
             if (mig.component, mig.version) in done:
                 continue
-            log.info("applying migration %s %04d_%s", mig.component, mig.version, mig.name,
-                     extra={"event": "migration_applied"})
+            log.info(
+                "applying migration %s %04d_%s",
+                mig.component,
+                mig.version,
+                mig.name,
+                extra={"event": "migration_applied"},
+            )
             await con.execute(mig.sql)
             await con.execute(
                 "INSERT INTO core.migrations (component, version, name) VALUES ($1, $2, $3)",
-                mig.component, mig.version, mig.name,
+                mig.component,
+                mig.version,
+                mig.name,
             )
             applied.append(mig)
     return applied

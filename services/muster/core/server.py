@@ -120,8 +120,11 @@ async def _watch_database(runtime: Runtime, names: list[str]) -> None:
             for n in ["", *names]:
                 await runtime.health.set(n, status)
             if serving is not None:
-                log.warning("database %s", "reachable again" if ok else "unreachable",
-                            extra={"event": "db_health", "serving": ok})
+                log.warning(
+                    "database %s",
+                    "reachable again" if ok else "unreachable",
+                    extra={"event": "db_health", "serving": ok},
+                )
             serving = ok
         await asyncio.sleep(0.5 if not ok else 1.0)
 
@@ -160,7 +163,9 @@ async def serve(
     if applied:
         log.info("applied %d migrations", len(applied), extra={"event": "migrated"})
     pool = await db.create_pool(
-        dsn, min_size=settings.pool_min_size, max_size=settings.pool_max_size,
+        dsn,
+        min_size=settings.pool_min_size,
+        max_size=settings.pool_max_size,
         wait=settings.database_wait.total_seconds(),
     )
     bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)

@@ -31,8 +31,10 @@ def host(field: str, value: str) -> str:
     except ValueError:
         pass
     labels = value.rstrip(".").split(".")
-    if not all(_HOST_LABEL.match(label) for label in labels) or value[-1:].isdigit() and all(
-        label.isdigit() for label in labels
+    if (
+        not all(_HOST_LABEL.match(label) for label in labels)
+        or value[-1:].isdigit()
+        and all(label.isdigit() for label in labels)
     ):
         raise InvalidArgumentError(field, f"{value[:80]!r} is neither a host name nor an IP address")
     return value.rstrip(".").lower()

@@ -59,8 +59,9 @@ def parse_request(request: pb.WatchEventsRequest, limits: WatchLimits) -> tuple[
         raise InvalidArgumentError("node_ids", f"at most {_MAX_FILTER} node ids")
     for kind in request.kinds:
         if not kind or len(kind) > 200 or not all(part.isidentifier() for part in kind.split(".")):
-            raise InvalidArgumentError("kinds", "each kind is a full message name such as "
-                                       "muster.api.registry.v1.NodeJoined")
+            raise InvalidArgumentError(
+                "kinds", "each kind is a full message name such as muster.api.registry.v1.NodeJoined"
+            )
     if any(n <= 0 for n in request.node_ids):
         raise InvalidArgumentError("node_ids", "node ids are positive")
     interval = limits.progress_interval.total_seconds()

@@ -11,8 +11,11 @@ from muster.registry.models import Cluster, Load, Node
 def load_to_proto(load: Load) -> node_pb2.Load:
     """A Load message."""
     return node_pb2.Load(
-        load1=load.load1, load5=load.load5, load15=load.load15,
-        cpu_count=load.cpu_count, session_count=load.session_count,
+        load1=load.load1,
+        load5=load.load5,
+        load15=load.load15,
+        cpu_count=load.cpu_count,
+        session_count=load.session_count,
     )
 
 
@@ -39,13 +42,20 @@ def node_to_proto(node: Node) -> node_pb2.Node:
 
 
 def cluster_to_proto(
-    cluster: Cluster, *, max_nodes: int, heartbeat_interval: timedelta, check_in_window: timedelta,
+    cluster: Cluster,
+    *,
+    max_nodes: int,
+    heartbeat_interval: timedelta,
+    check_in_window: timedelta,
     lease_ttl: timedelta,
 ) -> node_pb2.Cluster:
     """A Cluster message with the server's timing."""
     msg = node_pb2.Cluster(
-        uid=cluster.uid, epoch=cluster.epoch, max_nodes=max_nodes,
-        node_count=cluster.node_count, online_count=cluster.online_count,
+        uid=cluster.uid,
+        epoch=cluster.epoch,
+        max_nodes=max_nodes,
+        node_count=cluster.node_count,
+        online_count=cluster.online_count,
     )
     msg.create_time.FromDatetime(cluster.create_time)
     msg.heartbeat_interval.FromTimedelta(heartbeat_interval)

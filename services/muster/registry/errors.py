@@ -13,8 +13,9 @@ class NodeNotFoundError(NotFoundError):
     reason = "NODE_NOT_FOUND"
 
     def __init__(self, node_id: int) -> None:
-        super().__init__(f"node {node_id} does not exist; `muster list-nodes` shows the nodes",
-                         domain=DOMAIN, node=node_id)
+        super().__init__(
+            f"node {node_id} does not exist; `muster list-nodes` shows the nodes", domain=DOMAIN, node=node_id
+        )
 
 
 class StaleLeaseError(FailedPreconditionError):
@@ -23,8 +24,12 @@ class StaleLeaseError(FailedPreconditionError):
     reason = "STALE_LEASE"
 
     def __init__(self, node_id: int, lease_id: int) -> None:
-        super().__init__(f"lease {lease_id} of node {node_id} was replaced by a newer join; join again",
-                         domain=DOMAIN, node=node_id, lease=lease_id)
+        super().__init__(
+            f"lease {lease_id} of node {node_id} was replaced by a newer join; join again",
+            domain=DOMAIN,
+            node=node_id,
+            lease=lease_id,
+        )
 
 
 class LeaseExpiredError(FailedPreconditionError):
@@ -33,8 +38,13 @@ class LeaseExpiredError(FailedPreconditionError):
     reason = "LEASE_EXPIRED"
 
     def __init__(self, node_id: int, state: str, state_reason: str) -> None:
-        super().__init__(f"node {node_id} is {state} ({state_reason}); join again",
-                         domain=DOMAIN, node=node_id, state=state, state_reason=state_reason)
+        super().__init__(
+            f"node {node_id} is {state} ({state_reason}); join again",
+            domain=DOMAIN,
+            node=node_id,
+            state=state,
+            state_reason=state_reason,
+        )
 
 
 class NodeLimitReachedError(FailedPreconditionError):
@@ -45,7 +55,9 @@ class NodeLimitReachedError(FailedPreconditionError):
     def __init__(self, node_id: int, max_nodes: int) -> None:
         super().__init__(
             f"the cluster allows {max_nodes} nodes and has them; delete a node or raise max_nodes",
-            domain=DOMAIN, node=node_id, max_nodes=max_nodes,
+            domain=DOMAIN,
+            node=node_id,
+            max_nodes=max_nodes,
         )
 
 
@@ -58,7 +70,9 @@ class NodeHasSessionsError(FailedPreconditionError):
         super().__init__(
             f"node {node_id} is ONLINE with {sessions} sessions; drain it (`muster offline {node_id}`) "
             "or delete with --force",
-            domain=DOMAIN, node=node_id, sessions=sessions,
+            domain=DOMAIN,
+            node=node_id,
+            sessions=sessions,
         )
 
 

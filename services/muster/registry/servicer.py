@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from muster.api.registry.v1 import node_pb2, registry_service_pb2 as pb, registry_service_pb2_grpc
+from muster.api.registry.v1 import node_pb2, registry_service_pb2_grpc
+from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.core import validate
-from muster.core.errors import translate, translate_errors, abort_with
+from muster.core.errors import abort_with, translate, translate_errors
 from muster.core.events import EventBus
 from muster.core.watch import Streams, WatchLimits, run_watch
 from muster.registry import convert
@@ -32,8 +33,9 @@ def _load(field: str, msg: node_pb2.Load) -> Load:
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     """The registry's RPCs."""
 
-    def __init__(self, store: RegistryStore, batcher: HeartbeatBatcher, bus: EventBus, limits: WatchLimits,
-                 streams: Streams) -> None:
+    def __init__(
+        self, store: RegistryStore, batcher: HeartbeatBatcher, bus: EventBus, limits: WatchLimits, streams: Streams
+    ) -> None:
         self._store = store
         self._batcher = batcher
         self._bus = bus
@@ -123,7 +125,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         return resp
 
     @translate_errors
-    async def DeleteNode(self, request: pb.DeleteNodeRequest, context: grpc.aio.ServicerContext) -> pb.DeleteNodeResponse:
+    async def DeleteNode(
+        self, request: pb.DeleteNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteNodeResponse:
         node_id = validate.positive_id("node_id", request.node_id)
         written = await self._store.delete(node_id, force=request.force)
         return pb.DeleteNodeResponse(revision=await self._revision(written.append_id, request.wait_for_revision))
@@ -153,7 +157,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         )
 
     @translate_errors
-    async def GetCluster(self, request: pb.GetClusterRequest, context: grpc.aio.ServicerContext) -> pb.GetClusterResponse:
+    async def GetCluster(
+        self, request: pb.GetClusterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetClusterResponse:
         cluster, head, now = await self._store.get_cluster()
         resp = pb.GetClusterResponse(cluster=self._store.cluster_proto(cluster), head_revision=head)
         resp.server_time.FromDatetime(now)
@@ -181,9 +187,17 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         resp = pb.ListNodeLoadsResponse()
         for r in page.rows:
             item = resp.loads.add(
-                node_id=r["id"], state=r["state"], mode=r["mode"], health=r["health"],
-                load=node_pb2.Load(load1=r["load1"], load5=r["load5"], load15=r["load15"],
-                                   cpu_count=r["cpu_count"], session_count=r["session_count"]),
+                node_id=r["id"],
+                state=r["state"],
+                mode=r["mode"],
+                health=r["health"],
+                load=node_pb2.Load(
+                    load1=r["load1"],
+                    load5=r["load5"],
+                    load15=r["load15"],
+                    cpu_count=r["cpu_count"],
+                    session_count=r["session_count"],
+                ),
             )
             item.last_seen_time.FromDatetime(r["last_seen_time"])
         if page.next_id:
@@ -193,8 +207,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @translate_errors
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext) -> None:
-        await run_watch(request, context, bus=self._bus, snapshot=self._resync, limits=self._limits,
-                        streams=self._streams)
+        await run_watch(
+            request, context, bus=self._bus, snapshot=self._resync, limits=self._limits, streams=self._streams
+        )
 
     async def _resync(self, node_ids: frozenset[int]) -> pb.Resync:
         nodes, epoch, revision = await self._store.snapshot(node_ids)

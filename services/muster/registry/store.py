@@ -22,7 +22,6 @@ from muster.registry.errors import (
     NodeHasSessionsError,
     NodeLimitReachedError,
     NodeNotFoundError,
-    NodeStateError,
     StaleLeaseError,
 )
 from muster.registry.models import COUNTED_STATES, Cluster, Health, HeartbeatResult, Load, Mode, Node, State
@@ -189,7 +188,14 @@ class RegistryStore:
     # -- joins and leases ----------------------------------------------------------------------
 
     async def join(
-        self, *, host: str, port: int, address: str, ipv4: str, labels: dict[str, str], request_id: str,
+        self,
+        *,
+        host: str,
+        port: int,
+        address: str,
+        ipv4: str,
+        labels: dict[str, str],
+        request_id: str,
         load: Load,
     ) -> Written:
         """Joins (or re-joins, keeping the id) the node at ``address`` with a new lease.
@@ -204,8 +210,12 @@ class RegistryStore:
                 if t.max_nodes:
                     await con.execute(LOCK_CLUSTER)  # serializes the count against concurrent joins
                 existing = await con.fetchrow(NODE_FOR_UPDATE_BY_ADDRESS, address)
-                if (existing is not None and request_id and existing["join_request_id"] == request_id
-                        and existing["state"] == State.ONLINE):
+                if (
+                    existing is not None
+                    and request_id
+                    and existing["join_request_id"] == request_id
+                    and existing["state"] == State.ONLINE
+                ):
                     return Written(Node.from_row(existing), 0), False  # a retried join: same lease
                 state, reason = State.ONLINE, "JOINED"
                 if t.max_nodes:
@@ -213,21 +223,40 @@ class RegistryStore:
                     if counted >= t.max_nodes:
                         state, reason = State.INVALID_LICENSE, "NODE_LIMIT_REACHED"
                 row = await con.fetchrow(
-                    UPSERT_NODE, address, host, port, ipv4, json.dumps(labels), int(state), reason,
-                    int(Health.OK if state == State.ONLINE else Health.NONE), request_id,
-                    t.check_in_window, t.lease_ttl,
-                    load.load1, load.load5, load.load15, load.cpu_count, load.session_count,
+                    UPSERT_NODE,
+                    address,
+                    host,
+                    port,
+                    ipv4,
+                    json.dumps(labels),
+                    int(state),
+                    reason,
+                    int(Health.OK if state == State.ONLINE else Health.NONE),
+                    request_id,
+                    t.check_in_window,
+                    t.lease_ttl,
+                    load.load1,
+                    load.load5,
+                    load.load15,
+                    load.cpu_count,
+                    load.session_count,
                 )
                 node = Node.from_row(row)
-                append_id = await events.append(con, node_pb2.NodeJoined(node=convert.node_to_proto(node)),
-                                                node_id=node.id)
+                append_id = await events.append(
+                    con, node_pb2.NodeJoined(node=convert.node_to_proto(node)), node_id=node.id
+                )
                 return Written(node, append_id), state != State.ONLINE
 
         written, refused = await retry_serialization(attempt)
         if written.append_id:
             self._committed()
-            log.info("node %s joined from %s (%s)", written.node.id, address, written.node.state.name,
-                     extra={"event": "node_joined", "node": written.node.id})
+            log.info(
+                "node %s joined from %s (%s)",
+                written.node.id,
+                address,
+                written.node.state.name,
+                extra={"event": "node_joined", "node": written.node.id},
+            )
         if refused:
             raise NodeLimitReachedError(written.node.id, t.max_nodes)
         return written
@@ -290,8 +319,9 @@ class RegistryStore:
         if row["lease_id"] != lease_id:
             raise StaleLeaseError(node_id, lease_id)
 
-    async def _set_state(self, con: asyncpg.Connection, row: asyncpg.Record, state: State,
-                         reason: str) -> tuple[int, Node]:
+    async def _set_state(
+        self, con: asyncpg.Connection, row: asyncpg.Record, state: State, reason: str
+    ) -> tuple[int, Node]:
         new = Node.from_row(await con.fetchrow(SET_STATE, row["id"], int(state), reason))
         payload = node_pb2.NodeStateChanged(node=convert.node_to_proto(new), previous_state=row["state"])
         return await events.append(con, payload, node_id=new.id), new
@@ -335,8 +365,7 @@ class RegistryStore:
         """Drains or undrains a node; no event when the mode is already set."""
         payload = node_pb2.NodeModeChanged(node_id=node_id, mode=int(mode))
         async with self._pool.acquire() as con:
-            row = await con.fetchrow(SET_MODE, node_id, int(mode), events.kind_of(payload),
-                                     payload.SerializeToString())
+            row = await con.fetchrow(SET_MODE, node_id, int(mode), events.kind_of(payload), payload.SerializeToString())
             if row is None:
                 current = await con.fetchrow(NODE_BY_ID, node_id)
                 if current is None:
@@ -361,16 +390,20 @@ class RegistryStore:
             payload = node_pb2.ClusterReset(cluster=self.cluster_proto(cluster))
             append_id = await events.append(con, payload)
         self._committed()
-        log.warning("cluster reset: %d nodes removed, epoch %d", deleted, cluster.epoch,
-                    extra={"event": "cluster_reset"})
+        log.warning(
+            "cluster reset: %d nodes removed, epoch %d", deleted, cluster.epoch, extra={"event": "cluster_reset"}
+        )
         return cluster, deleted, append_id
 
     def cluster_proto(self, cluster: Cluster) -> node_pb2.Cluster:
         """The cluster with this server's timing."""
         t = self.timing
         return convert.cluster_to_proto(
-            cluster, max_nodes=t.max_nodes, heartbeat_interval=t.heartbeat_interval,
-            check_in_window=t.check_in_window, lease_ttl=t.lease_ttl,
+            cluster,
+            max_nodes=t.max_nodes,
+            heartbeat_interval=t.heartbeat_interval,
+            check_in_window=t.check_in_window,
+            lease_ttl=t.lease_ttl,
         )
 
     # -- reads ---------------------------------------------------------------------------------
@@ -447,17 +480,24 @@ class RegistryStore:
                     cls = node_pb2.NodeSuspected if node.health == Health.MISSED_CHECK_IN else node_pb2.NodeRecovered
                     await events.append(con, cls(node=convert.node_to_proto(node)), node_id=node.id)
                     written += 1
-                    log.info("node %s %s", node.id,
-                             "missed its check-in" if cls is node_pb2.NodeSuspected else "checked in again",
-                             extra={"event": "node_health", "node": node.id, "health": node.health.name})
+                    log.info(
+                        "node %s %s",
+                        node.id,
+                        "missed its check-in" if cls is node_pb2.NodeSuspected else "checked in again",
+                        extra={"event": "node_health", "node": node.id, "health": node.health.name},
+                    )
                 for row in await con.fetch(SWEEP_EXPIRED):
                     node = Node.from_row(row)
-                    payload = node_pb2.NodeStateChanged(node=convert.node_to_proto(node),
-                                                        previous_state=int(State.ONLINE))
+                    payload = node_pb2.NodeStateChanged(
+                        node=convert.node_to_proto(node), previous_state=int(State.ONLINE)
+                    )
                     await events.append(con, payload, node_id=node.id)
                     written += 1
-                    log.warning("node %s lease expired: OFFLINE", node.id,
-                                extra={"event": "node_lease_expired", "node": node.id})
+                    log.warning(
+                        "node %s lease expired: OFFLINE",
+                        node.id,
+                        extra={"event": "node_lease_expired", "node": node.id},
+                    )
                 stuck = [r["id"] for r in await con.fetch(STUCK_DELETING, timedelta(seconds=10))]
             for node_id in stuck:
                 w = await self._finish_delete(con, node_id)
