@@ -1,0 +1,112 @@
+"""Channels to the replicas of a service, with keepalive, TLS, a bearer token and failover."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import grpc
+
+from muster.client._config import ClientConfig
+
+
+class _TokenInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call (TLS or not)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._header)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
+def _options(config: ClientConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.keepalive_time_ms", int(config.keepalive.total_seconds() * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.enable_retries", 0),  # retries are ours: idempotent calls only
+    ]
+
+
+def open_channel(address: str, config: ClientConfig) -> grpc.aio.Channel:
+    """A channel to one replica."""
+    interceptors = [_TokenInterceptor(config.token)] if config.token else None
+    if config.tls:
+        creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
+        return grpc.aio.secure_channel(address, creds, options=_options(config), interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=_options(config), interceptors=interceptors)
+
+
+class Endpoint:
+    """The replicas of one service: one channel each, a current one, and a move on failure.
+
+    Args:
+        addresses: the replicas.
+        config: the client configuration.
+        stub_factory: builds the service stub for a channel.
+    """
+
+    def __init__(self, addresses: tuple[str, ...], config: ClientConfig, stub_factory: Callable[[Any], Any]) -> None:
+        self.addresses = addresses
+        self._config = config
+        self._factory = stub_factory
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, Any] = {}
+        self._current = random.randrange(len(addresses))  # spread clients over replicas
+
+    @property
+    def address(self) -> str:
+        """The replica in use."""
+        return self.addresses[self._current]
+
+    def stub(self) -> Any:
+        """The stub of the replica in use (its channel opened lazily)."""
+        address = self.address
+        if address not in self._stubs:
+            self._channels[address] = open_channel(address, self._config)
+            self._stubs[address] = self._factory(self._channels[address])
+        return self._stubs[address]
+
+    def fail_over(self) -> None:
+        """Moves to the next replica (after a transport failure or a replica shutting down)."""
+        self._current = (self._current + 1) % len(self.addresses)
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+
+def backoff(attempt: int, config: ClientConfig, hint: timedelta | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: the server's hint, or full-jitter exponential."""
+    if hint is not None and hint.total_seconds() > 0:
+        return hint.total_seconds() * random.uniform(1.0, 1.2)
+    cap = min(config.backoff_max.total_seconds(), config.backoff_initial.total_seconds() * 2**attempt)
+    return random.uniform(cap / 4, cap)

@@ -1,0 +1,383 @@
+"""The async client: ``Cluster.connect()`` and the registry API."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from muster.api.registry.v1 import registry_service_pb2 as pb
+from muster.api.registry.v1 import registry_service_pb2_grpc
+from muster.client._channel import Endpoint, backoff
+from muster.client._config import ClientConfig, default_address, split_addresses
+from muster.client._models import (
+    Cluster as ClusterInfo,
+)
+from muster.client._models import (
+    Heartbeat,
+    Lease,
+    Load,
+    Node,
+    NodeList,
+    NodeLoad,
+    NodeMode,
+    NodeState,
+    NodeStatus,
+)
+from muster.client.errors import MusterError, NotFoundError, from_rpc_error
+
+T = TypeVar("T")
+
+# Server-side CANCELLED (a replica shutting down) and UNAVAILABLE: try again, on another replica.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+
+class Cluster:
+    """A connection to the control plane. Use ``await Cluster.connect(...)`` or
+    ``async with Cluster.connect(...) as cluster:``.
+
+    Every call has the configured deadline (10 s by default). Reads and idempotent calls are retried
+    with jittered backoff on UNAVAILABLE and on a server-side CANCELLED, moving to the next replica;
+    a call the caller cancels is never retried. Errors are raised as :mod:`muster.client.errors`
+    classes.
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._registry = Endpoint(config.for_service("registry"), config,
+                                  registry_service_pb2_grpc.RegistryServiceStub)
+
+    @classmethod
+    def connect(
+        cls,
+        address: str | Sequence[str] | None = None,
+        *,
+        config: ClientConfig | None = None,
+        **options: Any,
+    ) -> _Connecting:
+        """Connects to the control plane.
+
+        Args:
+            address: one ``host:port`` for all services, or several replicas (a list, or
+                comma-separated); default ``MUSTER_ADDRESS`` or 127.0.0.1:7400.
+            config: a full :class:`ClientConfig` (then ``address`` and options must be omitted).
+            **options: any :class:`ClientConfig` field (``deadline=timedelta(seconds=5)``, ``token=…``).
+
+        Returns:
+            An object to ``await`` (giving the Cluster) or to use with ``async with`` (closing it at the end).
+        """
+        if config is None:
+            config = ClientConfig(addresses=split_addresses(address or default_address()), **options)
+        elif address is not None or options:
+            raise TypeError("pass either config or address and options, not both")
+        return _Connecting(cls(config))
+
+    async def close(self) -> None:
+        """Closes the channels. Open watches end."""
+        await self._registry.close()
+
+    @property
+    def registry_address(self) -> str:
+        """The registry replica in use."""
+        return self._registry.address
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _call(self, endpoint: Endpoint, method: str, request: Any, *, retry: bool,
+                    timeout: timedelta | None = None) -> Any:
+        attempt = 0
+        deadline = (timeout or self.config.deadline).total_seconds()
+        while True:
+            try:
+                return await getattr(endpoint.stub(), method)(request, timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                err = from_rpc_error(exc)
+                if retry and exc.code() in RETRYABLE and attempt + 1 < self.config.max_attempts:
+                    endpoint.fail_over()
+                    await asyncio.sleep(backoff(attempt, self.config, err.retry_after))
+                    attempt += 1
+                    continue
+                raise err from exc
+
+    async def _registry_call(self, method: str, request: Any, *, retry: bool = True) -> Any:
+        return await self._call(self._registry, method, request, retry=retry)
+
+    # -- the registry --------------------------------------------------------------------------
+
+    async def join_node(
+        self,
+        host: str,
+        port: int,
+        *,
+        ipv4: str = "",
+        labels: dict[str, str] | None = None,
+        load: Load | None = None,
+        request_id: str | None = None,
+        wait_for_revision: bool = False,
+    ) -> Lease:
+        """Joins a node (or re-joins it: same address, same id, a new lease).
+
+        Retried safely: the request carries an id the server deduplicates.
+
+        Raises:
+            NodeLimitReachedError: the cluster's node limit is reached (the node is stored as INVALID_LICENSE).
+            InvalidArgumentError: a bad host, port, label or load.
+        """
+        req = pb.JoinNodeRequest(host=host, port=port, ipv4=ipv4, labels=labels or {},
+                                 request_id=request_id or uuid.uuid4().hex, wait_for_revision=wait_for_revision)
+        if load is not None:
+            req.load.CopyFrom(load.to_proto())
+        resp = await self._registry_call("JoinNode", req)
+        return Lease(Node.from_proto(resp.node), resp.heartbeat_interval.ToTimedelta(),
+                     resp.lease_ttl.ToTimedelta(), resp.revision)
+
+    async def heartbeat(self, lease: Lease, load: Load | None = None) -> Heartbeat:
+        """Renews a node's lease (retried: renewing twice is harmless).
+
+        Raises:
+            StaleLeaseError: a newer join replaced this lease.
+            LeaseExpiredError: the node is no longer ONLINE; join again.
+        """
+        req = pb.HeartbeatRequest(node_id=lease.node_id, lease_id=lease.lease_id)
+        if load is not None:
+            req.load.CopyFrom(load.to_proto())
+        return _heartbeat(await self._registry_call("Heartbeat", req))
+
+    def keep_alive(self, lease: Lease) -> KeepAlive:
+        """A KeepAlive stream: many heartbeats on one call (see :class:`KeepAlive`)."""
+        return KeepAlive(self, lease)
+
+    async def leave_node(self, lease: Lease, *, delete: bool = False, wait_for_revision: bool = False) -> int:
+        """Stops a node cleanly: OFFLINE, or removed with ``delete``. Returns the revision if asked."""
+        req = pb.LeaveNodeRequest(node_id=lease.node_id, lease_id=lease.lease_id, delete_node=delete,
+                                  wait_for_revision=wait_for_revision)
+        try:
+            return int((await self._registry_call("LeaveNode", req)).revision)
+        except NotFoundError:
+            if delete:
+                return 0  # a retried delete that had already happened
+            raise
+
+    async def get_node(self, node_id: int) -> Node:
+        """One node. Raises NodeNotFoundError."""
+        return Node.from_proto((await self._registry_call("GetNode", pb.GetNodeRequest(node_id=node_id))).node)
+
+    async def list_nodes(self, *, page_size: int = 1000) -> NodeList:
+        """Every node, ONLINE first, then by id (all pages), with the revision of the first page."""
+        nodes: list[Node] = []
+        token, revision = "", 0
+        while True:
+            resp = await self._registry_call("ListNodes", pb.ListNodesRequest(page_size=page_size, page_token=token))
+            revision = revision or resp.revision
+            nodes += [Node.from_proto(n) for n in resp.nodes]
+            token = resp.next_page_token
+            if not token:
+                return NodeList(nodes, revision)
+
+    async def delete_node(self, node_id: int, *, force: bool = False, wait_for_revision: bool = False) -> int:
+        """Deletes a node (DELETING, then removed).
+
+        Raises:
+            NodeHasSessionsError: it is ONLINE with sessions and ``force`` is not set.
+            NodeNotFoundError: no such node.
+        """
+        req = pb.DeleteNodeRequest(node_id=node_id, force=force, wait_for_revision=wait_for_revision)
+        return int((await self._registry_call("DeleteNode", req, retry=False)).revision)
+
+    async def set_node_mode(self, node_id: int, mode: NodeMode, *, wait_for_revision: bool = False) -> Node:
+        """Drains (DRAINING) or undrains (ACTIVE) a node; idempotent."""
+        req = pb.SetNodeModeRequest(node_id=node_id, mode=mode.value, wait_for_revision=wait_for_revision)
+        return Node.from_proto((await self._registry_call("SetNodeMode", req)).node)
+
+    async def drain_node(self, node_id: int) -> Node:
+        """Shorthand for ``set_node_mode(node_id, NodeMode.DRAINING)``."""
+        return await self.set_node_mode(node_id, NodeMode.DRAINING)
+
+    async def undrain_node(self, node_id: int) -> Node:
+        """Shorthand for ``set_node_mode(node_id, NodeMode.ACTIVE)``."""
+        return await self.set_node_mode(node_id, NodeMode.ACTIVE)
+
+    async def reset_cluster(self) -> tuple[ClusterInfo, int]:
+        """Removes every node and the cluster definition. Not retried. Returns the cluster and how many nodes went."""
+        resp = await self._registry_call("ResetCluster", pb.ResetClusterRequest(wait_for_revision=True), retry=False)
+        return ClusterInfo.from_proto(resp.cluster, resp.revision), resp.deleted_nodes
+
+    async def get_cluster(self) -> ClusterInfo:
+        """The cluster definition, its timing and its head revision."""
+        resp = await self._registry_call("GetCluster", pb.GetClusterRequest())
+        return ClusterInfo.from_proto(resp.cluster, resp.head_revision)
+
+    async def get_node_status(self, node_id: int) -> NodeStatus:
+        """One node's view: the node, the online nodes and its session count."""
+        resp = await self._registry_call("GetNodeStatus", pb.GetNodeStatusRequest(node_id=node_id))
+        return NodeStatus(Node.from_proto(resp.node), [Node.from_proto(n) for n in resp.online_nodes],
+                          resp.session_count, resp.revision)
+
+    async def list_node_loads(self, *, page_size: int = 1000) -> list[NodeLoad]:
+        """Every node's latest load, by id (all pages)."""
+        out: list[NodeLoad] = []
+        token = ""
+        while True:
+            resp = await self._registry_call("ListNodeLoads",
+                                             pb.ListNodeLoadsRequest(page_size=page_size, page_token=token))
+            for x in resp.loads:
+                out.append(NodeLoad(x.node_id, NodeState(x.state), NodeMode(x.mode), _health(x.health),
+                                    Load.from_proto(x.load), _ts(x.last_seen_time)))
+            token = resp.next_page_token
+            if not token:
+                return out
+
+    def watch(self, start_revision: int = 0, *, kinds: Sequence[str] = (), node_ids: Sequence[int] = (),
+              progress: bool = False) -> Any:
+        """The cluster's events after ``start_revision`` (0: a snapshot first), resuming by itself.
+
+        See :class:`muster.client.Watch`.
+        """
+        from muster.client._watch import Watch
+
+        return Watch(self, start_revision=start_revision, kinds=tuple(kinds), node_ids=tuple(node_ids),
+                     progress=progress)
+
+    def view(self) -> Any:
+        """A live local view of the cluster's nodes (see :class:`muster.client.ClusterView`)."""
+        from muster.client._watch import ClusterView
+
+        return ClusterView(self)
+
+    def _registry_endpoint(self) -> Endpoint:
+        return self._registry
+
+
+def _heartbeat(resp: pb.HeartbeatResponse) -> Heartbeat:
+    return Heartbeat(_ts(resp.lease_expire_time), _ts(resp.server_time), resp.heartbeat_interval.ToTimedelta())
+
+
+def _ts(ts: Any) -> Any:
+    from muster.client._models import _time
+
+    return _time(ts)
+
+
+def _health(value: int) -> Any:
+    from muster.client._models import Health
+
+    return Health(value)
+
+
+class _Connecting:
+    """What ``Cluster.connect()`` returns: awaitable, and an async context manager."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def __await__(self) -> Generator[Any, None, Cluster]:
+        async def ready() -> Cluster:
+            return self._cluster
+
+        return ready().__await__()
+
+    async def __aenter__(self) -> Cluster:
+        return self._cluster
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._cluster.close()
+
+
+class KeepAlive:
+    """Heartbeats on one stream: ``await ka.beat(load)`` sends one and waits for its answer.
+
+    The stream is opened on first use and re-opened (on another replica if need be) after a
+    transport failure. A stale or expired lease raises StaleLeaseError / LeaseExpiredError.
+    """
+
+    def __init__(self, cluster: Cluster, lease: Lease) -> None:
+        self._cluster = cluster
+        self._lease = lease
+        self._queue: asyncio.Queue[pb.KeepAliveRequest | None] | None = None
+        self._call: Any = None
+
+    async def _requests(self, queue: asyncio.Queue[pb.KeepAliveRequest | None]) -> AsyncIterator[pb.KeepAliveRequest]:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            yield item
+
+    async def beat(self, load: Load | None = None) -> Heartbeat:
+        """Sends one heartbeat and returns its answer (after the server committed it)."""
+        req = pb.KeepAliveRequest(heartbeat=pb.HeartbeatRequest(node_id=self._lease.node_id,
+                                                                lease_id=self._lease.lease_id))
+        if load is not None:
+            req.heartbeat.load.CopyFrom(load.to_proto())
+        endpoint = self._cluster._registry_endpoint()
+        attempt = 0
+        while True:
+            if self._call is None:
+                self._queue = asyncio.Queue()
+                self._call = endpoint.stub().KeepAlive(self._requests(self._queue))
+            assert self._queue is not None
+            try:
+                await self._queue.put(req)
+                async with asyncio.timeout(self._cluster.config.deadline.total_seconds()):
+                    resp = await self._call.read()
+                if resp is grpc.aio.EOF:
+                    raise from_rpc_error(await _status_error(self._call))
+                return _heartbeat(resp.heartbeat)
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                self._reset()
+                if isinstance(exc, TimeoutError):
+                    err: MusterError = from_rpc_error(_Deadline())
+                else:
+                    err = from_rpc_error(exc)
+                if err.code in RETRYABLE and attempt + 1 < self._cluster.config.max_attempts:
+                    endpoint.fail_over()
+                    await asyncio.sleep(backoff(attempt, self._cluster.config, err.retry_after))
+                    attempt += 1
+                    continue
+                raise err from exc
+
+    def _reset(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+        self._call = None
+        self._queue = None
+
+    async def close(self) -> None:
+        """Ends the stream."""
+        if self._queue is not None:
+            await self._queue.put(None)
+        self._reset()
+
+
+class _Deadline(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "no answer to the heartbeat within the deadline"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+async def _status_error(call: Any) -> grpc.RpcError:
+    code = await call.code()
+
+    class _Ended(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return code
+
+        def details(self) -> str:
+            return "the keep-alive stream ended"
+
+        def trailing_metadata(self) -> tuple[()]:
+            return ()
+
+    return _Ended()
+
+
+_ = Callable, Awaitable  # re-exported types for annotations

@@ -1,0 +1,203 @@
+"""The client's exceptions: one per ErrorInfo reason, grouped by status code.
+
+``from_rpc_error`` reads the ``google.rpc.Status`` in a failed call's trailing metadata and raises
+the matching class, so callers match on types, never on messages::
+
+    try:
+        await cluster.heartbeat(lease)
+    except LeaseExpiredError:
+        lease = await cluster.join_node(...)
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+__all__ = [
+    "MusterError",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "NodeNotFoundError",
+    "FailedPreconditionError",
+    "StaleLeaseError",
+    "LeaseExpiredError",
+    "NodeLimitReachedError",
+    "NodeHasSessionsError",
+    "NodeStateError",
+    "FutureRevisionError",
+    "AbortedError",
+    "UnavailableError",
+    "ResourceExhaustedError",
+    "DeadlineExceededError",
+    "PermissionDeniedError",
+    "UnauthenticatedError",
+    "InternalError",
+    "from_rpc_error",
+]
+
+
+class MusterError(Exception):
+    """A failed call.
+
+    Attributes:
+        code: the gRPC status code.
+        reason: the ErrorInfo reason (``NODE_NOT_FOUND``), or "" when the server sent none.
+        metadata: the ErrorInfo metadata (the values the message mentions).
+        retry_after: the server's retry hint, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        retry_after: timedelta | None = None,
+        field_violations: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.retry_after = retry_after
+        self.field_violations = field_violations or {}
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgumentError(MusterError):
+    """A request field is wrong; ``field`` names it."""
+
+    @property
+    def field(self) -> str:
+        """The field the server named."""
+        return self.metadata.get("field", "")
+
+
+class NotFoundError(MusterError):
+    """The named thing does not exist."""
+
+
+class NodeNotFoundError(NotFoundError):
+    """No node has the id."""
+
+
+class FailedPreconditionError(MusterError):
+    """The thing is not in a state that allows the operation."""
+
+
+class StaleLeaseError(FailedPreconditionError):
+    """The lease was replaced by a newer join of the same node."""
+
+
+class LeaseExpiredError(FailedPreconditionError):
+    """The node is no longer ONLINE (its lease expired, or it left): join again."""
+
+
+class NodeLimitReachedError(FailedPreconditionError):
+    """The cluster's node limit is reached."""
+
+
+class NodeHasSessionsError(FailedPreconditionError):
+    """Deleting an ONLINE node with sessions needs force."""
+
+
+class NodeStateError(FailedPreconditionError):
+    """The node's state does not allow the operation."""
+
+
+class FutureRevisionError(FailedPreconditionError):
+    """A watch asked for a revision beyond the cluster's head."""
+
+
+class AbortedError(MusterError):
+    """A lost race; the whole operation may be retried."""
+
+
+class UnavailableError(MusterError):
+    """The service (or its database) cannot be reached right now; retry, perhaps elsewhere."""
+
+
+class ResourceExhaustedError(MusterError):
+    """The server shed the call or cut a stream that fell behind; see ``retry_after``."""
+
+
+class DeadlineExceededError(MusterError):
+    """The call's deadline passed."""
+
+
+class PermissionDeniedError(MusterError):
+    """The credentials do not allow the operation."""
+
+
+class UnauthenticatedError(MusterError):
+    """No or bad credentials."""
+
+
+class InternalError(MusterError):
+    """A server bug."""
+
+
+# The client half of the one table: ErrorInfo reasons to classes (a test pins it against the
+# ErrorReason enum of the contract) and, failing that, status codes to classes.
+BY_REASON: dict[str, type[MusterError]] = {
+    "INVALID_FIELD": InvalidArgumentError,
+    "NODE_NOT_FOUND": NodeNotFoundError,
+    "STALE_LEASE": StaleLeaseError,
+    "LEASE_EXPIRED": LeaseExpiredError,
+    "NODE_LIMIT_REACHED": NodeLimitReachedError,
+    "NODE_HAS_SESSIONS": NodeHasSessionsError,
+    "NODE_STATE": NodeStateError,
+    "STORE_UNAVAILABLE": UnavailableError,
+    "SLOW_CONSUMER": ResourceExhaustedError,
+    "SHUTTING_DOWN": UnavailableError,
+    "INTERNAL": InternalError,
+    "FUTURE_REVISION": FutureRevisionError,
+}
+BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.ABORTED: AbortedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.CANCELLED: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.INTERNAL: InternalError,
+}
+
+
+def _details(err: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str, str]]:
+    reason, metadata, retry_after, fields = "", {}, None, {}
+    for key, value in err.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        for detail in status_pb2.Status.FromString(value).details:
+            info, retry, bad = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()
+            if detail.Unpack(info):
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Unpack(retry):
+                retry_after = retry.retry_delay.ToTimedelta()
+            elif detail.Unpack(bad):
+                fields = {v.field: v.description for v in bad.field_violations}
+    return reason, metadata, retry_after, fields
+
+
+def from_rpc_error(err: grpc.RpcError) -> MusterError:
+    """The MusterError for a failed call (keep the original as ``__cause__`` when raising it)."""
+    code = err.code()  # type: ignore[attr-defined]
+    reason, metadata, retry_after, fields = _details(err)
+    cls = BY_REASON.get(reason) or BY_CODE.get(code, MusterError)
+    message = err.details() or code.name  # type: ignore[attr-defined]
+    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after,
+               field_violations=fields)
