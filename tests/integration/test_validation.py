@@ -122,3 +122,4 @@ async def test_watch_from_a_future_revision_is_refused(joined) -> None:
         async for _ in stub.WatchEvents(pb.WatchEventsRequest(start_revision=10_000)):
             pass
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(info.value) == ("FUTURE_REVISION", {"start_revision": "10000", "head_revision": "1"})

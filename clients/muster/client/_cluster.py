@@ -48,8 +48,7 @@ class Cluster:
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self._registry = Endpoint(config.for_service("registry"), config,
-                                  registry_service_pb2_grpc.RegistryServiceStub)
+        self._registry = Endpoint(config.for_service("registry"), config, registry_service_pb2_grpc.RegistryServiceStub)
 
     @classmethod
     def connect(
@@ -87,8 +86,9 @@ class Cluster:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _call(self, endpoint: Endpoint, method: str, request: Any, *, retry: bool,
-                    timeout: timedelta | None = None) -> Any:
+    async def _call(
+        self, endpoint: Endpoint, method: str, request: Any, *, retry: bool, timeout: timedelta | None = None
+    ) -> Any:
         attempt = 0
         deadline = (timeout or self.config.deadline).total_seconds()
         while True:
@@ -127,13 +127,23 @@ class Cluster:
             NodeLimitReachedError: the cluster's node limit is reached (the node is stored as INVALID_LICENSE).
             InvalidArgumentError: a bad host, port, label or load.
         """
-        req = pb.JoinNodeRequest(host=host, port=port, ipv4=ipv4, labels=labels or {},
-                                 request_id=request_id or uuid.uuid4().hex, wait_for_revision=wait_for_revision)
+        req = pb.JoinNodeRequest(
+            host=host,
+            port=port,
+            ipv4=ipv4,
+            labels=labels or {},
+            request_id=request_id or uuid.uuid4().hex,
+            wait_for_revision=wait_for_revision,
+        )
         if load is not None:
             req.load.CopyFrom(load.to_proto())
         resp = await self._registry_call("JoinNode", req)
-        return Lease(Node.from_proto(resp.node), resp.heartbeat_interval.ToTimedelta(),
-                     resp.lease_ttl.ToTimedelta(), resp.revision)
+        return Lease(
+            Node.from_proto(resp.node),
+            resp.heartbeat_interval.ToTimedelta(),
+            resp.lease_ttl.ToTimedelta(),
+            resp.revision,
+        )
 
     async def heartbeat(self, lease: Lease, load: Load | None = None) -> Heartbeat:
         """Renews a node's lease (retried: renewing twice is harmless).
@@ -153,8 +163,9 @@ class Cluster:
 
     async def leave_node(self, lease: Lease, *, delete: bool = False, wait_for_revision: bool = False) -> int:
         """Stops a node cleanly: OFFLINE, or removed with ``delete``. Returns the revision if asked."""
-        req = pb.LeaveNodeRequest(node_id=lease.node_id, lease_id=lease.lease_id, delete_node=delete,
-                                  wait_for_revision=wait_for_revision)
+        req = pb.LeaveNodeRequest(
+            node_id=lease.node_id, lease_id=lease.lease_id, delete_node=delete, wait_for_revision=wait_for_revision
+        )
         try:
             return int((await self._registry_call("LeaveNode", req)).revision)
         except NotFoundError:
@@ -214,33 +225,53 @@ class Cluster:
     async def get_node_status(self, node_id: int) -> NodeStatus:
         """One node's view: the node, the online nodes and its session count."""
         resp = await self._registry_call("GetNodeStatus", pb.GetNodeStatusRequest(node_id=node_id))
-        return NodeStatus(Node.from_proto(resp.node), [Node.from_proto(n) for n in resp.online_nodes],
-                          resp.session_count, resp.revision)
+        return NodeStatus(
+            Node.from_proto(resp.node),
+            [Node.from_proto(n) for n in resp.online_nodes],
+            resp.session_count,
+            resp.revision,
+        )
 
     async def list_node_loads(self, *, page_size: int = 1000) -> list[NodeLoad]:
         """Every node's latest load, by id (all pages)."""
         out: list[NodeLoad] = []
         token = ""
         while True:
-            resp = await self._registry_call("ListNodeLoads",
-                                             pb.ListNodeLoadsRequest(page_size=page_size, page_token=token))
+            resp = await self._registry_call(
+                "ListNodeLoads", pb.ListNodeLoadsRequest(page_size=page_size, page_token=token)
+            )
             for x in resp.loads:
-                out.append(NodeLoad(x.node_id, NodeState(x.state), NodeMode(x.mode), _health(x.health),
-                                    Load.from_proto(x.load), _ts(x.last_seen_time)))
+                out.append(
+                    NodeLoad(
+                        x.node_id,
+                        NodeState(x.state),
+                        NodeMode(x.mode),
+                        _health(x.health),
+                        Load.from_proto(x.load),
+                        _ts(x.last_seen_time),
+                    )
+                )
             token = resp.next_page_token
             if not token:
                 return out
 
-    def watch(self, start_revision: int = 0, *, kinds: Sequence[str] = (), node_ids: Sequence[int] = (),
-              progress: bool = False) -> Any:
+    def watch(
+        self,
+        start_revision: int = 0,
+        *,
+        kinds: Sequence[str] = (),
+        node_ids: Sequence[int] = (),
+        progress: bool = False,
+    ) -> Any:
         """The cluster's events after ``start_revision`` (0: a snapshot first), resuming by itself.
 
         See :class:`muster.client.Watch`.
         """
         from muster.client._watch import Watch
 
-        return Watch(self, start_revision=start_revision, kinds=tuple(kinds), node_ids=tuple(node_ids),
-                     progress=progress)
+        return Watch(
+            self, start_revision=start_revision, kinds=tuple(kinds), node_ids=tuple(node_ids), progress=progress
+        )
 
     def view(self) -> Any:
         """A live local view of the cluster's nodes (see :class:`muster.client.ClusterView`)."""
@@ -309,8 +340,9 @@ class KeepAlive:
 
     async def beat(self, load: Load | None = None) -> Heartbeat:
         """Sends one heartbeat and returns its answer (after the server committed it)."""
-        req = pb.KeepAliveRequest(heartbeat=pb.HeartbeatRequest(node_id=self._lease.node_id,
-                                                                lease_id=self._lease.lease_id))
+        req = pb.KeepAliveRequest(
+            heartbeat=pb.HeartbeatRequest(node_id=self._lease.node_id, lease_id=self._lease.lease_id)
+        )
         if load is not None:
             req.heartbeat.load.CopyFrom(load.to_proto())
         endpoint = self._cluster._registry_endpoint()

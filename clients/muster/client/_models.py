@@ -56,8 +56,13 @@ class Load:
 
     def to_proto(self) -> node_pb2.Load:
         """The Load message."""
-        return node_pb2.Load(load1=self.load1, load5=self.load5, load15=self.load15,
-                             cpu_count=self.cpu_count, session_count=self.session_count)
+        return node_pb2.Load(
+            load1=self.load1,
+            load5=self.load5,
+            load15=self.load15,
+            cpu_count=self.cpu_count,
+            session_count=self.session_count,
+        )
 
     @classmethod
     def from_proto(cls, msg: node_pb2.Load) -> Load:
@@ -100,11 +105,21 @@ class Node:
     def from_proto(cls, msg: node_pb2.Node) -> Node:
         """From a Node message."""
         return cls(
-            id=msg.id, address=msg.address, host=msg.host, ipv4=msg.ipv4, port=msg.port,
-            state=NodeState(msg.state), state_reason=msg.state_reason, mode=NodeMode(msg.mode),
-            health=Health(msg.health), labels=dict(msg.labels), lease_id=msg.lease_id,
-            create_time=_time(msg.create_time), last_seen_time=_time(msg.last_seen_time),
-            lease_expire_time=_time(msg.lease_expire_time), load=Load.from_proto(msg.load),
+            id=msg.id,
+            address=msg.address,
+            host=msg.host,
+            ipv4=msg.ipv4,
+            port=msg.port,
+            state=NodeState(msg.state),
+            state_reason=msg.state_reason,
+            mode=NodeMode(msg.mode),
+            health=Health(msg.health),
+            labels=dict(msg.labels),
+            lease_id=msg.lease_id,
+            create_time=_time(msg.create_time),
+            last_seen_time=_time(msg.last_seen_time),
+            lease_expire_time=_time(msg.lease_expire_time),
+            load=Load.from_proto(msg.load),
         )
 
 
@@ -154,9 +169,17 @@ class Cluster:
     @classmethod
     def from_proto(cls, msg: node_pb2.Cluster, head_revision: int = 0) -> Cluster:
         """From a Cluster message."""
-        return cls(msg.uid, msg.epoch, msg.max_nodes, msg.heartbeat_interval.ToTimedelta(),
-                   msg.check_in_window.ToTimedelta(), msg.lease_ttl.ToTimedelta(), msg.node_count,
-                   msg.online_count, head_revision)
+        return cls(
+            msg.uid,
+            msg.epoch,
+            msg.max_nodes,
+            msg.heartbeat_interval.ToTimedelta(),
+            msg.check_in_window.ToTimedelta(),
+            msg.lease_ttl.ToTimedelta(),
+            msg.node_count,
+            msg.online_count,
+            head_revision,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +213,8 @@ class NodeLoad:
 
 
 _REGISTRY_PAYLOADS: dict[str, type[Message]] = {
-    d.full_name: getattr(node_pb2, d.name) for d in node_pb2.DESCRIPTOR.message_types_by_name.values()
+    d.full_name: getattr(node_pb2, d.name)
+    for d in node_pb2.DESCRIPTOR.message_types_by_name.values()
     if d.name.startswith(("Node", "Cluster")) and d.name not in {"Node", "NodeLoad"}
 }
 _REGISTRY_PAYLOADS[event_pb2.OutageCredited.DESCRIPTOR.full_name] = event_pb2.OutageCredited
@@ -246,8 +270,7 @@ class Resync:
     @classmethod
     def from_proto(cls, msg: pb.Resync) -> Resync:
         """From a Resync message."""
-        return cls(msg.revision, [Node.from_proto(n) for n in msg.nodes], msg.cluster_epoch,
-                   msg.active_key_version)
+        return cls(msg.revision, [Node.from_proto(n) for n in msg.nodes], msg.cluster_epoch, msg.active_key_version)
 
 
 @dataclass(frozen=True, slots=True)

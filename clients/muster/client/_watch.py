@@ -28,10 +28,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RECONNECT = frozenset({
-    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-})
+_RECONNECT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 class ConnectionState(enum.Enum):
@@ -133,9 +139,12 @@ class Watch:
 
     def _request(self) -> pb.WatchEventsRequest:
         return pb.WatchEventsRequest(
-            start_revision=self.through_revision, kinds=self._kinds, node_ids=self._node_ids,
-            progress_interval=duration_pb2.Duration(seconds=int(self._interval.total_seconds()),
-                                                    nanos=self._interval.microseconds * 1000),
+            start_revision=self.through_revision,
+            kinds=self._kinds,
+            node_ids=self._node_ids,
+            progress_interval=duration_pb2.Duration(
+                seconds=int(self._interval.total_seconds()), nanos=self._interval.microseconds * 1000
+            ),
         )
 
     async def _next_message(self) -> pb.WatchEventsResponse:

@@ -183,7 +183,11 @@ def _details(err: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str,
         if key != "grpc-status-details-bin":
             continue
         for detail in status_pb2.Status.FromString(value).details:
-            info, retry, bad = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()
+            info, retry, bad = (
+                error_details_pb2.ErrorInfo(),
+                error_details_pb2.RetryInfo(),
+                error_details_pb2.BadRequest(),
+            )
             if detail.Unpack(info):
                 reason, metadata = info.reason, dict(info.metadata)
             elif detail.Unpack(retry):
@@ -199,5 +203,4 @@ def from_rpc_error(err: grpc.RpcError) -> MusterError:
     reason, metadata, retry_after, fields = _details(err)
     cls = BY_REASON.get(reason) or BY_CODE.get(code, MusterError)
     message = err.details() or code.name  # type: ignore[attr-defined]
-    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after,
-               field_violations=fields)
+    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after, field_violations=fields)

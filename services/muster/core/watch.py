@@ -49,6 +49,20 @@ class WatchFilter:
         return (not self.kinds or ev.kind in self.kinds) and (not self.node_ids or ev.node_id in self.node_ids)
 
 
+class FutureRevisionError(FailedPreconditionError):
+    """A watch asked for a revision the cluster has not reached."""
+
+    reason = "FUTURE_REVISION"
+
+    def __init__(self, start_revision: int, head: int) -> None:
+        super().__init__(
+            "start_revision is ahead of the cluster's head; watch from a revision you have seen",
+            domain="muster.registry",
+            start_revision=start_revision,
+            head_revision=head,
+        )
+
+
 def parse_request(request: pb.WatchEventsRequest, limits: WatchLimits) -> tuple[WatchFilter, float]:
     """Validates a WatchEventsRequest; returns its filter and progress interval in seconds."""
     if request.start_revision < 0:
@@ -95,12 +109,7 @@ async def run_watch(
     flt, progress_every = parse_request(request, limits)
     head, compacted = await bus.read_head()
     if request.start_revision > head:
-        raise FailedPreconditionError(
-            "start_revision is ahead of the cluster's head; watch from a revision you have seen",
-            domain="muster.registry",
-            start_revision=request.start_revision,
-            head_revision=head,
-        )
+        raise FutureRevisionError(request.start_revision, head)
     write_timeout = limits.write_timeout.total_seconds()
 
     async def send(msg: pb.WatchEventsResponse) -> None:

@@ -1,0 +1,65 @@
+"""muster.client: the thin client every application node embeds.
+
+::
+
+    async with Cluster.connect("127.0.0.1:7400") as cluster:
+        lease = await cluster.join_node("app1.example.com", 8787)
+        async with cluster.view() as view:          # snapshot first, then every change, exactly once
+            print(view.nodes)
+
+The base install carries nothing of the server. See also :class:`SyncCluster` for code that is not
+asyncio, and :mod:`muster.client.errors` for the exceptions.
+"""
+
+from muster.client import errors
+from muster.client._cluster import Cluster, KeepAlive
+from muster.client._config import ClientConfig
+from muster.client._models import Cluster as ClusterInfo
+from muster.client._models import (
+    Event,
+    Health,
+    Heartbeat,
+    Lease,
+    Load,
+    Node,
+    NodeList,
+    NodeLoad,
+    NodeMode,
+    NodeState,
+    NodeStatus,
+    Progress,
+    Resync,
+)
+from muster.client._sync import SyncCluster, SyncClusterView, SyncWatch
+from muster.client._watch import ClusterView, ConnectionState, NodeChange, Watch, apply_to_nodes
+from muster.client.errors import MusterError
+
+__all__ = [
+    "ClientConfig",
+    "Cluster",
+    "ClusterInfo",
+    "ClusterView",
+    "ConnectionState",
+    "Event",
+    "Health",
+    "Heartbeat",
+    "KeepAlive",
+    "Lease",
+    "Load",
+    "MusterError",
+    "Node",
+    "NodeChange",
+    "NodeList",
+    "NodeLoad",
+    "NodeMode",
+    "NodeState",
+    "NodeStatus",
+    "Progress",
+    "Resync",
+    "SyncCluster",
+    "SyncClusterView",
+    "SyncWatch",
+    "Watch",
+    "apply_to_nodes",
+    "errors",
+]
