@@ -198,6 +198,17 @@ def _mask(dsn: str) -> str:
     return dsn
 
 
+def _register_client_commands() -> None:
+    # Imported here so that `muster up`/`serve` never pay for them, and they never import the server.
+    from muster.cli import agent, nodes
+
+    nodes.register(app)
+    agent.register(app)
+
+
+_register_client_commands()
+
+
 def main() -> None:
     """Entry point of the ``muster`` command."""
     app(prog_name="muster")
