@@ -20,14 +20,19 @@ AGENT_SOCKET = "agent.sock"
 
 AddressOpt = Annotated[
     str | None,
-    typer.Option("--address", help="The control plane, host:port (replicas comma-separated). "
-                 "[env: MUSTER_ADDRESS; default 127.0.0.1:7400]"),
+    typer.Option(
+        "--address",
+        help="The control plane, host:port (replicas comma-separated). [env: MUSTER_ADDRESS; default 127.0.0.1:7400]",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 StateDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="The agent's state directory (node.json, agent.sock). "
-                 "[env: MUSTER_STATE_DIR; default /var/lib/muster/agent for root, else ~/.local/state/muster/agent]"),
+    typer.Option(
+        "--state-dir",
+        help="The agent's state directory (node.json, agent.sock). "
+        "[env: MUSTER_STATE_DIR; default /var/lib/muster/agent for root, else ~/.local/state/muster/agent]",
+    ),
 ]
 
 
@@ -71,8 +76,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except UnavailableError as exc:
-        raise fail(f"the control plane is unreachable ({exc}); is `muster up` running? "
-                   "set --address or MUSTER_ADDRESS") from None
+        raise fail(
+            f"the control plane is unreachable ({exc}); is `muster up` running? set --address or MUSTER_ADDRESS"
+        ) from None
     except MusterError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:

@@ -162,8 +162,10 @@ def load_settings(**flags: Any) -> Settings:
         ENV_PREFIX + "TEST_DATABASE_URL",
         ENV_PREFIX + "TEST_LOOP",
         # The agent's and the commands' variables (read by muster.client, not the server).
-        *(ENV_PREFIX + n for n in ("HOST_NAME", "LISTEN_ADDRESS", "PORT", "LABELS", "STATE_DIR",
-                                   "DELETE_NODE_ON_EXIT", "TOKEN")),
+        *(
+            ENV_PREFIX + n
+            for n in ("HOST_NAME", "LISTEN_ADDRESS", "PORT", "LABELS", "STATE_DIR", "DELETE_NODE_ON_EXIT", "TOKEN")
+        ),
     }
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIX) and name not in known:
