@@ -191,8 +191,7 @@ class Watch:
         if which == "resync":
             snap = Resync.from_proto(msg.resync)
             self._pending.append(snap)
-            self._delivered = max(self._delivered, snap.revision) if self._delivered <= snap.revision else snap.revision
-            self._delivered = snap.revision
+            self._delivered = snap.revision  # the snapshot replaces everything up to it
         elif which == "events":
             for ev in msg.events.events:
                 if ev.revision <= self._delivered:
