@@ -220,3 +220,23 @@ async def test_node_limit_holds_under_concurrent_joins(database_url: str) -> Non
             assert again.node.state == ONLINE
     finally:
         server.stop()
+
+
+async def test_reflection_lists_the_services_and_health_answers_per_service(registry_server) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(registry_server.address) as ch:
+        call = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
+        services = set()
+        async for resp in call:
+            services = {s.name for s in resp.list_services_response.service}
+            break
+        call.cancel()
+        assert {"muster.api.registry.v1.RegistryService", "grpc.health.v1.Health"} <= services
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ["", "muster.api.registry.v1.RegistryService"]:
+            r = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
