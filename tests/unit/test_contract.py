@@ -45,6 +45,12 @@ def test_error_reasons_are_pinned() -> None:
             "SHUTTING_DOWN",
             "INTERNAL",
             "FUTURE_REVISION",
+            "LOCK_HELD",
+            "LOCK_NOT_HELD",
+            "STALE_TOKEN",
+            "FIRING_CLAIMED",
+            "FIRING_DONE",
+            "MISFIRED",
         ]
     )
     assert error_reason_pb2.ErrorReason.Value("ERROR_REASON_NODE_NOT_FOUND") == 2

@@ -30,6 +30,12 @@ __all__ = [
     "NodeStateError",
     "FutureRevisionError",
     "AbortedError",
+    "LockHeldError",
+    "LockNotHeldError",
+    "StaleTokenError",
+    "FiringClaimedError",
+    "FiringDoneError",
+    "MisfiredError",
     "UnavailableError",
     "ResourceExhaustedError",
     "DeadlineExceededError",
@@ -121,6 +127,30 @@ class AbortedError(MusterError):
     """A lost race; the whole operation may be retried."""
 
 
+class LockHeldError(AbortedError):
+    """The lock is held by another (``metadata["holder"]``, ``metadata["token"]``)."""
+
+
+class LockNotHeldError(FailedPreconditionError):
+    """The hold is gone: it expired, was broken, or was released."""
+
+
+class StaleTokenError(AbortedError):
+    """A newer fencing token was granted: the holder's writes must stop."""
+
+
+class FiringClaimedError(AbortedError):
+    """Another node claimed the firing (``metadata["holder"]``)."""
+
+
+class FiringDoneError(FailedPreconditionError):
+    """The firing already ran (or was skipped)."""
+
+
+class MisfiredError(FailedPreconditionError):
+    """The firing is later than its misfire threshold: skipped."""
+
+
 class UnavailableError(MusterError):
     """The service (or its database) cannot be reached right now; retry, perhaps elsewhere."""
 
@@ -160,6 +190,12 @@ BY_REASON: dict[str, type[MusterError]] = {
     "SHUTTING_DOWN": UnavailableError,
     "INTERNAL": InternalError,
     "FUTURE_REVISION": FutureRevisionError,
+    "LOCK_HELD": LockHeldError,
+    "LOCK_NOT_HELD": LockNotHeldError,
+    "STALE_TOKEN": StaleTokenError,
+    "FIRING_CLAIMED": FiringClaimedError,
+    "FIRING_DONE": FiringDoneError,
+    "MISFIRED": MisfiredError,
 }
 BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'muster/api/errors/v1/error_reason.proto\x12\x14muster.api.errors.v1*\xb1\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_NODE_NOT_FOUND\x10\x02\x12\x1c\n\x18\x45RROR_REASON_STALE_LEASE\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_LEASE_EXPIRED\x10\x04\x12#\n\x1f\x45RROR_REASON_NODE_LIMIT_REACHED\x10\x05\x12\"\n\x1e\x45RROR_REASON_NODE_HAS_SESSIONS\x10\x06\x12\x1b\n\x17\x45RROR_REASON_NODE_STATE\x10\x07\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x08\x12\x1e\n\x1a\x45RROR_REASON_SLOW_CONSUMER\x10\t\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12 \n\x1c\x45RROR_REASON_FUTURE_REVISION\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'muster/api/errors/v1/error_reason.proto\x12\x14muster.api.errors.v1*\xe5\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1f\n\x1b\x45RROR_REASON_NODE_NOT_FOUND\x10\x02\x12\x1c\n\x18\x45RROR_REASON_STALE_LEASE\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_LEASE_EXPIRED\x10\x04\x12#\n\x1f\x45RROR_REASON_NODE_LIMIT_REACHED\x10\x05\x12\"\n\x1e\x45RROR_REASON_NODE_HAS_SESSIONS\x10\x06\x12\x1b\n\x17\x45RROR_REASON_NODE_STATE\x10\x07\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\x08\x12\x1e\n\x1a\x45RROR_REASON_SLOW_CONSUMER\x10\t\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12 \n\x1c\x45RROR_REASON_FUTURE_REVISION\x10\x0c\x12\x1a\n\x16\x45RROR_REASON_LOCK_HELD\x10\r\x12\x1e\n\x1a\x45RROR_REASON_LOCK_NOT_HELD\x10\x0e\x12\x1c\n\x18\x45RROR_REASON_STALE_TOKEN\x10\x0f\x12\x1f\n\x1b\x45RROR_REASON_FIRING_CLAIMED\x10\x10\x12\x1c\n\x18\x45RROR_REASON_FIRING_DONE\x10\x11\x12\x19\n\x15\x45RROR_REASON_MISFIRED\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'muster.api.errors.v1.error_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=66
-  _globals['_ERRORREASON']._serialized_end=499
+  _globals['_ERRORREASON']._serialized_end=679
 # @@protoc_insertion_point(module_scope)

@@ -48,6 +48,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An unexpected server error; metadata `trace_id`."""
     ERROR_REASON_FUTURE_REVISION: _ErrorReason.ValueType  # 12
     """The asked revision is newer than the cluster's head."""
+    ERROR_REASON_LOCK_HELD: _ErrorReason.ValueType  # 13
+    """The lock is held by another; metadata `lock`, `holder`, `token`."""
+    ERROR_REASON_LOCK_NOT_HELD: _ErrorReason.ValueType  # 14
+    """The hold is gone (expired, broken or released); metadata `lease`."""
+    ERROR_REASON_STALE_TOKEN: _ErrorReason.ValueType  # 15
+    """A newer token was granted; metadata `lock`, `token`, `fence`."""
+    ERROR_REASON_FIRING_CLAIMED: _ErrorReason.ValueType  # 16
+    """The firing is claimed by another; metadata `job`, `holder`, `token`."""
+    ERROR_REASON_FIRING_DONE: _ErrorReason.ValueType  # 17
+    """The firing already ran (or was skipped); metadata `job`, `state`."""
+    ERROR_REASON_MISFIRED: _ErrorReason.ValueType  # 18
+    """The firing is later than its misfire threshold and was skipped; metadata `job`."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC failed: the `reason` of the `google.rpc.ErrorInfo` in a failed
@@ -81,4 +93,16 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 11
 """An unexpected server error; metadata `trace_id`."""
 ERROR_REASON_FUTURE_REVISION: ErrorReason.ValueType  # 12
 """The asked revision is newer than the cluster's head."""
+ERROR_REASON_LOCK_HELD: ErrorReason.ValueType  # 13
+"""The lock is held by another; metadata `lock`, `holder`, `token`."""
+ERROR_REASON_LOCK_NOT_HELD: ErrorReason.ValueType  # 14
+"""The hold is gone (expired, broken or released); metadata `lease`."""
+ERROR_REASON_STALE_TOKEN: ErrorReason.ValueType  # 15
+"""A newer token was granted; metadata `lock`, `token`, `fence`."""
+ERROR_REASON_FIRING_CLAIMED: ErrorReason.ValueType  # 16
+"""The firing is claimed by another; metadata `job`, `holder`, `token`."""
+ERROR_REASON_FIRING_DONE: ErrorReason.ValueType  # 17
+"""The firing already ran (or was skipped); metadata `job`, `state`."""
+ERROR_REASON_MISFIRED: ErrorReason.ValueType  # 18
+"""The firing is later than its misfire threshold and was skipped; metadata `job`."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
