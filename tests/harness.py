@@ -72,6 +72,7 @@ class ServerProcess:
         env["GRPC_VERBOSITY"] = "ERROR"
         env.setdefault("MUSTER_LISTEN", "127.0.0.1:0")
         cmd = [sys.executable, "-m", "muster.cli.main", "serve", self.services[0]]
+        assert len(self.services) == 1, "one service per process (muster serve); muster up runs them all"
         if self.log_path is None:
             import tempfile
 
@@ -141,9 +142,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def servers(database_url: str, n: int, env: dict[str, str] | None = None) -> Iterator[list[ServerProcess]]:
-    """``n`` registry replicas on one database, started in parallel and stopped at the end."""
-    procs = [ServerProcess(database_url, env=env) for _ in range(n)]
+def servers(
+    database_url: str, n: int, env: dict[str, str] | None = None, service: str = "registry"
+) -> Iterator[list[ServerProcess]]:
+    """``n`` replicas of a service on one database, stopped at the end."""
+    procs = [ServerProcess(database_url, [service], env=env) for _ in range(n)]
     try:
         for p in procs:
             p.start()

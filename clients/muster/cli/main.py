@@ -13,10 +13,11 @@ app = typer.Typer(
     help="Muster: a control plane for clusters of application servers.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: rich markup would swallow the "[env: …; default …]" of every option
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-SERVICES = ("registry",)
+SERVICES = ("registry", "locks")
 
 ListenOpt = Annotated[
     str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")
@@ -128,7 +129,7 @@ def up(
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="registry (keys, balancer and locks come later).")],
+    service: Annotated[str, typer.Argument(help="registry or locks (keys and balancer come later).")],
     listen: ListenOpt = None,
     config_file: ConfigOpt = None,
     heartbeat_interval: HeartbeatOpt = None,

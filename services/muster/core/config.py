@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     lease_ttl: timedelta = Field(timedelta(seconds=30), description="No heartbeat for this long: OFFLINE.")
     max_nodes: int = Field(0, ge=0, description="The cluster's node limit (0: none).")
     reap_interval: timedelta = Field(timedelta(seconds=1), description="How often leases are swept.")
+    lock_sweep_interval: timedelta = Field(
+        timedelta(milliseconds=100), description="How often expired locks, waiters and claims are swept."
+    )
     max_outage_credit: timedelta = Field(
         timedelta(minutes=10), description="At most this much database outage is credited to leases."
     )
@@ -94,6 +97,7 @@ class Settings(BaseSettings):
         "check_in_window",
         "lease_ttl",
         "reap_interval",
+        "lock_sweep_interval",
         "max_outage_credit",
         "outage_threshold",
         "event_retention",

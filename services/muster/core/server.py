@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # process loads only the services it runs.
 COMPONENTS = {
     "registry": "muster.registry.component:RegistryComponent",
+    "locks": "muster.locks.component:LocksComponent",
 }
 
 SERVER_OPTIONS = [

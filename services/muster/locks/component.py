@@ -1,0 +1,91 @@
+"""Mounts the lock service: servicer, expiry sweep, and a follower of the event log that wakes
+local waiters and releases the holds of nodes whose registry lease expired."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from muster.api.locks.v1 import lock_pb2, locks_service_pb2, locks_service_pb2_grpc
+from muster.api.registry.v1 import node_pb2
+from muster.core.server import Runtime
+from muster.locks.servicer import LocksServicer
+from muster.locks.store import LockStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = locks_service_pb2.DESCRIPTOR.services_by_name["LocksService"].full_name
+_GRANTED = lock_pb2.LockGranted.DESCRIPTOR.full_name
+_NODE_STATE = node_pb2.NodeStateChanged.DESCRIPTOR.full_name
+_NODE_DELETED = node_pb2.NodeDeleted.DESCRIPTOR.full_name
+_OFFLINE = node_pb2.Node.STATE_OFFLINE
+
+
+class LocksComponent:
+    """The lock service and its background work."""
+
+    service_name = SERVICE_NAME
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self.store = LockStore(runtime.pool, runtime.bus.numberer)
+        self.servicer = LocksServicer(self.store)
+
+    def mount(self, server: grpc.aio.Server) -> list[str]:
+        locks_service_pb2_grpc.add_LocksServiceServicer_to_server(self.servicer, server)
+        return [SERVICE_NAME]
+
+    async def start(self) -> None:
+        self._runtime.spawn(self._sweep(), "muster-locks-sweep")
+        self._runtime.spawn(self._follow(), "muster-locks-follow")
+
+    async def stop(self) -> None:
+        pass
+
+    async def _sweep(self) -> None:
+        s = self._runtime.settings
+        while True:
+            await asyncio.sleep(s.lock_sweep_interval.total_seconds())
+            try:
+                await self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
+                log.debug("lock sweep failed: %s", type(exc).__name__)
+
+    async def _follow(self) -> None:
+        """Reads the log as this process's bus delivers it: grants wake local waiters; expired nodes lose locks."""
+        bus = self._runtime.bus
+        cursor = bus.head
+        while True:
+            await bus.wait(cursor, 1.0)
+            try:
+                batch = await bus.read(cursor, 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database may be down
+                await asyncio.sleep(0.5)
+                continue
+            if batch and batch[0].revision != cursor + 1:
+                cursor = batch[0].revision - 1  # compacted past us: the waiters' poll covers the gap
+            for ev in batch:
+                cursor = ev.revision
+                try:
+                    if ev.kind == _GRANTED:
+                        granted = lock_pb2.LockGranted()
+                        ev.proto.payload.Unpack(granted)
+                        if granted.waiter_id:
+                            self.store.granted(granted.waiter_id)
+                    elif ev.kind == _NODE_STATE:
+                        changed = node_pb2.NodeStateChanged()
+                        ev.proto.payload.Unpack(changed)
+                        if changed.node.state == _OFFLINE and changed.node.state_reason == "LEASE_EXPIRED":
+                            await self.store.release_node(changed.node.id)
+                    elif ev.kind == _NODE_DELETED:
+                        await self.store.release_node(ev.node_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one event must not stop the follower
+                    log.warning("lock follower: %s on revision %s", type(exc).__name__, ev.revision)

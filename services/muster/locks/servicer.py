@@ -1,0 +1,231 @@
+"""LocksService: validates input, calls the store, turns results into protos."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import grpc
+
+from muster.api.locks.v1 import locks_service_pb2 as pb
+from muster.api.locks.v1 import locks_service_pb2_grpc
+from muster.core import validate
+from muster.core.errors import InvalidArgumentError, abort_with, to_status, translate, translate_errors
+from muster.locks import convert
+from muster.locks.models import Mode
+from muster.locks.store import LockStore
+
+_NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,200}$")
+_MODES = {0: Mode.EXCLUSIVE, 1: Mode.EXCLUSIVE, 2: Mode.SHARED}
+
+
+def _name(field: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise InvalidArgumentError(field, "must be 1-200 characters: letters, digits and . _ : / -")
+    return value
+
+
+def _duration(field: str, msg: object, *, low: timedelta, high: timedelta, allow_zero: bool = False) -> timedelta:
+    value = msg.ToTimedelta()  # type: ignore[attr-defined]
+    if allow_zero and value == timedelta(0):
+        return value
+    if not low <= value <= high:
+        raise InvalidArgumentError(field, f"must be between {low.total_seconds():g}s and {high.total_seconds():g}s")
+    return value
+
+
+def _holder(field: str, value: str, context: grpc.aio.ServicerContext) -> str:
+    if len(value) > 200 or not value.isprintable():
+        raise InvalidArgumentError(field, "must be at most 200 printable characters")
+    return value or context.peer()
+
+
+class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
+    """The lock service's RPCs."""
+
+    def __init__(self, store: LockStore) -> None:
+        self._store = store
+
+    async def _acquire(
+        self, req: pb.AcquireRequest, context: grpc.aio.ServicerContext, prefix: str = ""
+    ) -> pb.AcquireResponse:
+        name = _name(prefix + "name", req.name)
+        ttl = _duration(prefix + "ttl", req.ttl, low=timedelta(milliseconds=100), high=timedelta(hours=1))
+        wait = _duration(prefix + "wait", req.wait, low=timedelta(0), high=timedelta(hours=1))
+        mode = validate.enum_value(prefix + "mode", req.mode, _MODES)
+        if req.node_id < 0:
+            raise InvalidArgumentError(prefix + "node_id", "must be 0 or a node id")
+        acquired = await self._store.acquire(
+            name,
+            ttl=ttl,
+            wait=wait,
+            mode=mode,
+            holder=_holder(prefix + "holder", req.holder, context),
+            node_id=req.node_id,
+            request_id=validate.request_id(prefix + "request_id", req.request_id),
+        )
+        hold = acquired.hold or await self._store.wait_for_grant(name, acquired.waiter_id, acquired.deadline)
+        resp = pb.AcquireResponse(lease=convert.hold_to_proto(hold))
+        resp.server_time.FromDatetime(hold.grant_time)
+        return resp
+
+    @translate_errors
+    async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
+        return await self._acquire(request, context)
+
+    async def _keep_alive(self, req: pb.KeepAliveRequest, prefix: str = "") -> pb.KeepAliveResponse:
+        lease_id = validate.positive_id(prefix + "lease_id", req.lease_id)
+        expire, now = await self._store.keep_alive(lease_id)
+        resp = pb.KeepAliveResponse(lease_id=lease_id)
+        resp.expire_time.FromDatetime(expire)
+        resp.server_time.FromDatetime(now)
+        return resp
+
+    async def KeepAlive(
+        self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """One answer per keep-alive; a lost hold ends the stream with LOCK_NOT_HELD."""
+        try:
+            async for req in request_iterator:
+                await context.write(await self._keep_alive(req))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped like every unary call
+            await abort_with(context, translate(exc))
+
+    async def Session(
+        self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Acquires, releases and keep-alives on one stream; each answered by seq, failures included.
+
+        Operations run concurrently (an acquire may wait while keep-alives flow); when the stream
+        ends, holds it acquired stay until released or expired.
+        """
+        lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(req: pb.SessionRequest) -> None:
+            try:
+                which = req.WhichOneof("op")
+                if which == "acquire":
+                    resp = pb.SessionResponse(
+                        seq=req.seq, acquired=await self._acquire(req.acquire, context, "acquire.")
+                    )
+                elif which == "release":
+                    lease_id = validate.positive_id("release.lease_id", req.release.lease_id)
+                    resp = pb.SessionResponse(
+                        seq=req.seq, released=pb.ReleaseResponse(released=await self._store.release(lease_id))
+                    )
+                elif which == "keep_alive":
+                    resp = pb.SessionResponse(
+                        seq=req.seq, kept_alive=await self._keep_alive(req.keep_alive, "keep_alive.")
+                    )
+                else:
+                    raise InvalidArgumentError("op", "one of acquire, release, keep_alive is required")
+            except Exception as exc:  # noqa: BLE001 - answered on the stream, the stream goes on
+                err = translate(exc)
+                resp = pb.SessionResponse(
+                    seq=req.seq,
+                    error=pb.OperationError(code=err.code.value[0], message=str(err), details=err.details()),
+                )
+            async with lock:
+                await context.write(resp)
+
+        try:
+            async for req in request_iterator:
+                task = asyncio.create_task(answer(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @translate_errors
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        lease_id = validate.positive_id("lease_id", request.lease_id)
+        return pb.ReleaseResponse(released=await self._store.release(lease_id))
+
+    @translate_errors
+    async def ListLocks(self, request: pb.ListLocksRequest, context: grpc.aio.ServicerContext) -> pb.ListLocksResponse:
+        size = validate.page_size("page_size", request.page_size)
+        after = ""
+        if request.page_token:
+            try:
+                import base64
+
+                after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
+            except ValueError:
+                raise InvalidArgumentError("page_token", "is not a token from a previous response") from None
+        locks, more, now = await self._store.list_locks(after, size)
+        resp = pb.ListLocksResponse(locks=[convert.lock_to_proto(lock) for lock in locks])
+        if more and locks:
+            import base64
+
+            resp.next_page_token = base64.urlsafe_b64encode(locks[-1].name.encode()).decode()
+        resp.server_time.FromDatetime(now)
+        return resp
+
+    @translate_errors
+    async def BreakLock(self, request: pb.BreakLockRequest, context: grpc.aio.ServicerContext) -> pb.BreakLockResponse:
+        fence, released = await self._store.break_lock(_name("name", request.name))
+        return pb.BreakLockResponse(fence=fence, released=released)
+
+    @translate_errors
+    async def ValidateFence(
+        self, request: pb.ValidateFenceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ValidateFenceResponse:
+        name = _name("name", request.name)
+        token = validate.positive_id("token", request.token)
+        valid, fence = await self._store.validate(name, token)
+        return pb.ValidateFenceResponse(valid=valid, fence=fence)
+
+    @translate_errors
+    async def ClaimFiring(
+        self, request: pb.ClaimFiringRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClaimFiringResponse:
+        job = _name("job", request.job)
+        if not request.HasField("scheduled_time"):
+            raise InvalidArgumentError("scheduled_time", "is required")
+        firing = await self._store.claim_firing(
+            job,
+            request.scheduled_time.ToDatetime(tzinfo=_UTC),
+            ttl=_duration("ttl", request.ttl, low=timedelta(milliseconds=100), high=timedelta(hours=24)),
+            holder=_holder("holder", request.holder, context),
+            node_id=max(0, request.node_id),
+            recoverable=request.recoverable,
+            misfire_threshold=_duration(
+                "misfire_threshold", request.misfire_threshold, low=timedelta(0), high=timedelta(days=7)
+            ),
+        )
+        return pb.ClaimFiringResponse(firing=convert.firing_to_proto(firing))
+
+    @translate_errors
+    async def CompleteFiring(
+        self, request: pb.CompleteFiringRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompleteFiringResponse:
+        job = _name("job", request.job)
+        if not request.HasField("scheduled_time"):
+            raise InvalidArgumentError("scheduled_time", "is required")
+        token = validate.positive_id("token", request.token)
+        firing = await self._store.complete_firing(
+            job, request.scheduled_time.ToDatetime(tzinfo=_UTC), token, failed=request.failed
+        )
+        return pb.CompleteFiringResponse(firing=convert.firing_to_proto(firing))
+
+    @translate_errors
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+        size = validate.page_size("page_size", request.page_size) if request.page_size else 100
+        job = _name("job", request.job) if request.job else ""
+        firings, now = await self._store.list_firings(job, size)
+        resp = pb.ListJobsResponse(firings=[convert.firing_to_proto(f) for f in firings])
+        resp.server_time.FromDatetime(now)
+        return resp
+
+
+from datetime import UTC as _UTC  # noqa: E402
+
+_ = to_status
