@@ -10,10 +10,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from muster.api.locks.v1 import locks_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.api.registry.v1 import registry_service_pb2_grpc
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
+from muster.client._locks import LocksApi
 from muster.client._models import (
     Cluster as ClusterInfo,
 )
@@ -36,7 +38,7 @@ T = TypeVar("T")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
-class Cluster:
+class Cluster(LocksApi):
     """A connection to the control plane. Use ``await Cluster.connect(...)`` or
     ``async with Cluster.connect(...) as cluster:``.
 
@@ -49,6 +51,7 @@ class Cluster:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self._registry = Endpoint(config.for_service("registry"), config, registry_service_pb2_grpc.RegistryServiceStub)
+        self._locks = Endpoint(config.for_service("locks"), config, locks_service_pb2_grpc.LocksServiceStub)
 
     @classmethod
     def connect(
@@ -78,6 +81,7 @@ class Cluster:
     async def close(self) -> None:
         """Closes the channels. Open watches end."""
         await self._registry.close()
+        await self._locks.close()
 
     @property
     def registry_address(self) -> str:

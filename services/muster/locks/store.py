@@ -111,7 +111,8 @@ WHERE job = $1 AND scheduled_time = $2
 RETURNING *
 """
 SET_FIRING_STATE = """
-UPDATE locks.firings SET state = $3, complete_time = CASE WHEN $3 IN (2, 5) THEN now() ELSE complete_time END
+UPDATE locks.firings SET state = $3::smallint,
+       complete_time = CASE WHEN $3::smallint IN (2, 5) THEN now() ELSE complete_time END
 WHERE job = $1 AND scheduled_time = $2
 RETURNING *
 """
