@@ -28,7 +28,7 @@ INSERT INTO sections (token, phase, worker) SELECT $1, $2, $3 FROM ok RETURNING 
 
 async def main(addresses: str, url: str, log_path: str, seconds: float, tasks: int) -> None:
     pool = await asyncpg.create_pool(url, min_size=2, max_size=tasks + 2)
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - line-buffered, survives SIGKILL line by line
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115, ASYNC230 - line-buffered: survives SIGKILL line by line
     end = time.monotonic() + seconds
     me = f"w{random.randrange(10**6)}"
 

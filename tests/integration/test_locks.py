@@ -202,7 +202,7 @@ async def test_safety_under_attack_no_overlap_increasing_tokens_no_starvation(da
     complete = sorted(
         (dict(v)["enter"], dict(v)["exit"], t) for t, v in spans.items() if {"enter", "exit"} <= {p for p, _ in v}
     )
-    for (s1, e1, t1), (s2, e2, t2) in zip(complete, complete[1:], strict=False):
+    for (_s1, e1, t1), (s2, _e2, t2) in zip(complete, complete[1:], strict=False):
         assert e1 <= s2, f"seed {seed}: sections {t1} and {t2} overlap"
     ok = [r for r in records if r.get("ok")]
     print(
