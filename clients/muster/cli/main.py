@@ -201,10 +201,11 @@ def _mask(dsn: str) -> str:
 
 def _register_client_commands() -> None:
     # Imported here so that `muster up`/`serve` never pay for them, and they never import the server.
-    from muster.cli import agent, nodes
+    from muster.cli import agent, locks, nodes
 
     nodes.register(app)
     agent.register(app)
+    locks.register(app)
 
 
 _register_client_commands()
