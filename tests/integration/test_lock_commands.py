@@ -10,8 +10,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from harness import ROOT, ServerProcess
+
 from muster.client import Cluster
 
 
