@@ -428,3 +428,25 @@ async def test_misfire_threshold_skips_a_late_firing_and_future_firings_are_refu
         assert future.value.field == "scheduled_time"
         firings, _ = await c.list_jobs()
         assert {f.job for f in firings} == {"late", "late2"}
+
+
+async def test_two_schedulers_run_each_slot_of_an_interval_job_exactly_once(locks_server) -> None:
+    from muster.client._scheduler import Scheduler
+
+    async with Cluster.connect(locks_server.address) as a, Cluster.connect(locks_server.address) as b:
+        schedulers = [Scheduler(a, holder="node-a"), Scheduler(b, holder="node-b")]
+        runs: list[tuple[str, datetime]] = []
+        for s in schedulers:
+
+            @s.job(every=timedelta(milliseconds=400), name="tick", ttl=timedelta(seconds=5))
+            async def tick(firing, who=s.holder) -> None:
+                runs.append((who, firing.scheduled_time))
+
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(s.run(stop)) for s in schedulers]
+        await asyncio.sleep(3)
+        stop.set()
+        await asyncio.gather(*tasks)
+    slots = [when for _, when in runs]
+    assert len(slots) >= 5 and len(slots) == len(set(slots)), runs  # every slot once, never twice
+    assert all((b - a) == timedelta(milliseconds=400) for a, b in zip(sorted(slots), sorted(slots)[1:]))
