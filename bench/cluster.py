@@ -23,8 +23,10 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def control_plane(replicas: int, *, fsync: bool = True, env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """Starts PostgreSQL and ``replicas`` registry processes; stops them all at the end."""
+def control_plane(
+    replicas: int, *, fsync: bool = True, env: dict[str, str] | None = None, service: str = "registry"
+) -> Iterator[Cluster]:
+    """Starts PostgreSQL and ``replicas`` processes of ``service``; stops them all at the end."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -46,7 +48,7 @@ def control_plane(replicas: int, *, fsync: bool = True, env: dict[str, str] | No
         procs = []
         try:
             for _ in range(replicas):
-                procs.append(ServerProcess(pg.url, env=settings).start())
+                procs.append(ServerProcess(pg.url, [service], env=settings).start())
             yield Cluster(pg.url, [p.address for p in procs])
         finally:
             for p in procs:

@@ -468,6 +468,81 @@ def grpc_floor(opts: Options) -> None:
         _report(f"grpc-empty-calls c={opts.concurrency} replicas=2", "calls/s", runs, lats)
 
 
+def _lock_client(address: str, tasks: int, seconds: float, names: list[str], start_at: float) -> Result:
+    """Acquire + release cycles; latencies are whole cycles. Records (acquired, releasing) times."""
+
+    async def main() -> Result:
+        from datetime import timedelta
+
+        from muster.client import Cluster
+
+        async with Cluster.connect(address) as cluster:
+            lat: list[float] = []
+            marks: list[tuple[float, float]] = []
+            count = 0
+            await _sleep_until(start_at)
+            t0 = time.monotonic()
+            end = t0 + seconds
+
+            async def one(k: int) -> None:
+                nonlocal count
+                name = names[k % len(names)]
+                while time.monotonic() < end:
+                    s = time.monotonic()
+                    lease = await cluster.acquire(name, ttl=timedelta(seconds=10), wait=timedelta(seconds=30))
+                    got = time.monotonic()
+                    await cluster.release(lease)
+                    lat.append(time.monotonic() - s)
+                    marks.append((got, time.monotonic()))
+                    count += 1
+
+            await asyncio.gather(*(one(k) for k in range(tasks)))
+            result = Result(count, time.monotonic() - t0, lat)
+            result.marks = marks  # type: ignore[attr-defined]
+            return result
+
+    return _loop_run(main())
+
+
+def locks(opts: Options) -> None:
+    """Lock acquire+release cycles on distinct names at concurrency 1, 16 and 64."""
+    with control_plane(1, fsync=opts.fsync, service="locks") as cluster:
+        for conc in (1, 16, 64):
+            runs, lats = [], []
+            for run in range(opts.runs):
+                parts = _split(conc, 2 if conc > 1 else 1)
+                args = [
+                    (cluster.addresses[0], n, opts.seconds, [f"r{run}-p{i}-n{k}" for k in range(n)])
+                    for i, n in enumerate(parts)
+                ]
+                results = _run_clients(_lock_client, args)
+                runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
+                lats += [x for r in results for x in r.latencies]
+            _report(f"lock-cycles distinct c={conc}", "cycles/s", runs, lats)
+
+
+def locks_contended(opts: Options) -> None:
+    """Lock acquire+release cycles on one contended name (FIFO waiters) at concurrency 16 and 64."""
+    with control_plane(1, fsync=opts.fsync, service="locks") as cluster:
+        for conc in (16, 64):
+            runs, lats, handoffs = [], [], []
+            for run in range(opts.runs):
+                args = [(cluster.addresses[0], n, opts.seconds, [f"hot-{run}-{conc}"]) for n in _split(conc, 2)]
+                results = _run_clients(_lock_client, args)
+                runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
+                lats += [x for r in results for x in r.latencies]
+                marks = sorted(m for r in results for m in r.marks)  # type: ignore[attr-defined]
+                # One exclusive holder at a time: the gap from a release's start to the next grant.
+                handoffs += [b[0] - a[1] for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[1]]
+            _report(f"lock-cycles contended c={conc}", "cycles/s", runs, lats)
+            if handoffs:
+                print(
+                    f"lock-handoff contended c={conc} median {statistics.median(handoffs) * 1000:.2f} ms "
+                    f"(release sent to the next holder's grant received, n={len(handoffs)})",
+                    flush=True,
+                )
+
+
 ALL: dict[str, Callable[[Options], None]] = {
     "grpc-floor": grpc_floor,
     "upserts": upserts,
@@ -475,4 +550,6 @@ ALL: dict[str, Callable[[Options], None]] = {
     "heartbeats": heartbeats,
     "changes": changes,
     "log": log,
+    "locks": locks,
+    "locks-contended": locks_contended,
 }

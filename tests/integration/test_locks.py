@@ -450,3 +450,30 @@ async def test_two_schedulers_run_each_slot_of_an_interval_job_exactly_once(lock
     slots = [when for _, when in runs]
     assert len(slots) >= 5 and len(slots) == len(set(slots)), runs  # every slot once, never twice
     assert all((b - a) == timedelta(milliseconds=400) for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False))
+
+
+SYNC_LOCK = """
+import sys, time
+from datetime import timedelta
+from muster.client import SyncCluster
+from muster.client import errors as E
+with SyncCluster.connect(sys.argv[1]) as c:
+    with c.lock("sync-lock", ttl=timedelta(seconds=1)) as lease:
+        time.sleep(1.5)          # renewed in the background meanwhile
+        lease.ensure_held()
+        try:
+            with c.lock("sync-lock", wait=timedelta(0)):
+                pass
+        except E.LockHeldError as exc:
+            print("refused", exc.metadata["token"] == str(lease.token))
+    print("released", c.validate_fence("sync-lock", lease.token) is False)
+"""
+
+
+async def test_the_sync_lock_facade_renews_and_releases(locks_server) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SYNC_LOCK, locks_server.address, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert out.decode().split("\n")[:2] == ["refused True", "released True"]

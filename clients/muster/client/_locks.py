@@ -15,6 +15,7 @@ import contextlib
 import enum
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -119,7 +120,7 @@ class LockLease:
 
     def remaining(self) -> float:
         """Seconds until the local deadline (negative once passed)."""
-        return self.local_deadline - asyncio.get_running_loop().time()
+        return self.local_deadline - time.monotonic()
 
     def ensure_held(self) -> None:
         """Raises LockLostError unless the lease is still held by the local clock: call before a guarded write."""
@@ -161,11 +162,10 @@ class LocksApi:
         )
         req.ttl.FromTimedelta(ttl)
         req.wait.FromTimedelta(wait)
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
+        sent = time.monotonic()
         resp = await self._locks_call("Acquire", req, timeout=wait + self.config.deadline)  # type: ignore[attr-defined]
         lease = LockLease(resp.lease, sent + ttl.total_seconds())
-        if loop.time() - sent > ttl.total_seconds() / 10:
+        if time.monotonic() - sent > ttl.total_seconds() / 10:
             # Waited for a grant: the grant's own time is unknown here, so renew now to know a tight deadline.
             await self.renew(lease)
         return lease
@@ -176,8 +176,7 @@ class LocksApi:
         Raises:
             LockNotHeldError: the hold is gone (expired by the database's clock, broken, released).
         """
-        loop = asyncio.get_running_loop()
-        sent = loop.time()
+        sent = time.monotonic()
         call = self._locks.stub().KeepAlive(timeout=self.config.deadline.total_seconds())  # type: ignore[attr-defined]
         try:
             await call.write(pb.KeepAliveRequest(lease_id=lease.lease_id))
@@ -350,8 +349,8 @@ class HeldLock:
         assert self.lease is not None
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(self.lease.local_deadline - self._margin, self._expire)
+        delay = self.lease.local_deadline - self._margin - time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire)
 
     def _expire(self) -> None:
         """The local deadline (minus the margin) passed without a renewal: the lease is lost; stop the body."""

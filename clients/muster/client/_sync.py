@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -85,6 +86,24 @@ class SyncCluster:
 
     async def _new_watch(self, start_revision: int, options: dict[str, Any]) -> Watch:
         return Watch(self._cluster, start_revision=start_revision, **options)
+
+    @contextlib.contextmanager
+    def lock(self, name: str, **options: Any) -> Iterator[Any]:
+        """``with cluster.lock("name", ttl=..., wait=...) as lease:`` for code that is not asyncio.
+
+        The lease is renewed on the client's loop thread. A thread cannot be cancelled, so the body
+        must call ``lease.ensure_held()`` before each guarded write (and fence its writes with
+        ``lease.token``); LockLostError comes out of the ``with`` if the lease was lost.
+        """
+        held = self._cluster.lock(name, **options)
+        lease = self._thread.run(held.__aenter__())
+        try:
+            yield lease
+        except BaseException as exc:
+            self._thread.run(held.__aexit__(type(exc), exc, exc.__traceback__))
+            raise
+        else:
+            self._thread.run(held.__aexit__(None, None, None))
 
     def view(self) -> SyncClusterView:
         """A live view (see :class:`ClusterView`), following until closed."""
