@@ -477,3 +477,32 @@ async def test_the_sync_lock_facade_renews_and_releases(locks_server) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert out.decode().split("\n")[:2] == ["refused True", "released True"]
+
+
+async def test_the_session_stream_carries_acquires_keep_alives_releases_and_errors(locks_server) -> None:
+    from google.protobuf import duration_pb2
+    from google.rpc import error_details_pb2
+
+    async with grpc.aio.insecure_channel(locks_server.address) as ch:
+        stub = locks_service_pb2_grpc.LocksServiceStub(ch)
+        call = stub.Session()
+        ttl = duration_pb2.Duration(seconds=5)
+        await call.write(lpb.SessionRequest(seq=1, acquire=lpb.AcquireRequest(name="s", ttl=ttl, holder="me")))
+        first = await call.read()
+        assert first.seq == 1 and first.acquired.lease.token == 1
+        lease_id = first.acquired.lease.lease_id
+        await call.write(lpb.SessionRequest(seq=2, acquire=lpb.AcquireRequest(name="s", ttl=ttl, holder="other")))
+        await call.write(lpb.SessionRequest(seq=3, keep_alive=lpb.KeepAliveRequest(lease_id=lease_id)))
+        answers = {m.seq: m for m in [await call.read(), await call.read()]}
+        refused = answers[2].error
+        info = error_details_pb2.ErrorInfo()
+        assert refused.code == grpc.StatusCode.ABORTED.value[0] and refused.details[0].Unpack(info)
+        assert info.reason == "LOCK_HELD" and info.metadata["holder"] == "me"
+        assert answers[3].kept_alive.lease_id == lease_id
+        await call.write(lpb.SessionRequest(seq=4, release=lpb.ReleaseRequest(lease_id=lease_id)))
+        assert (await call.read()).released.released is True
+        await call.write(lpb.SessionRequest(seq=5))
+        bad = await call.read()
+        assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
