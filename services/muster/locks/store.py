@@ -32,22 +32,42 @@ from muster.locks.models import Firing, FiringState, Hold, LockInfo, Mode, Waite
 
 log = logging.getLogger(__name__)
 
-ENSURE_LOCK = "INSERT INTO locks.locks (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"
-LOCK_ROW = "SELECT fence FROM locks.locks WHERE name = $1 FOR UPDATE"
-LOCK_ROW_NOWAIT = "SELECT fence FROM locks.locks WHERE name = $1 FOR UPDATE SKIP LOCKED"
-EXPIRED_HOLDS = "DELETE FROM locks.holds WHERE name = $1 AND expire_time <= now() RETURNING *"
-LIVE_HOLDS = "SELECT * FROM locks.holds WHERE name = $1 ORDER BY token"
-DROP_DEAD_WAITERS = "DELETE FROM locks.waiters WHERE name = $1 AND deadline <= now()"
-QUEUE = "SELECT * FROM locks.waiters WHERE name = $1 AND granted_lease_id IS NULL ORDER BY waiter_id"
-GRANT = """
-WITH f AS (UPDATE locks.locks SET fence = fence + 1 WHERE name = $1 RETURNING fence)
-INSERT INTO locks.holds (name, token, mode, holder, node_id, request_id, ttl, expire_time)
-SELECT $1, f.fence, $2, $3, $4, $5, $6::interval, now() + $6::interval FROM f
-RETURNING *
+# Creates the lock's row if need be and locks it; within the transaction now() is fixed, so the
+# grant's times are known here, and a lease id is drawn for an immediate grant.
+LOCK_AND_NOW = """
+INSERT INTO locks.locks AS l (name) VALUES ($1)
+ON CONFLICT (name) DO UPDATE SET fence = l.fence
+RETURNING fence, now() AS now, nextval('locks.lease_ids') AS next_lease_id
 """
-MARK_GRANTED = "UPDATE locks.waiters SET granted_lease_id = $2 WHERE waiter_id = $1"
-HOLD_BY_REQUEST = "SELECT * FROM locks.holds WHERE name = $1 AND request_id = $2 AND expire_time > now()"
-WAITER_BY_REQUEST = "SELECT waiter_id, deadline FROM locks.waiters WHERE name = $1 AND request_id = $2"
+LOCK_ROW = "SELECT fence, now() AS now FROM locks.locks WHERE name = $1 FOR UPDATE"
+LOCK_ROW_NOWAIT = "SELECT fence, now() AS now FROM locks.locks WHERE name = $1 FOR UPDATE SKIP LOCKED"
+# One round trip: drop what expired (returning the expired holds) and read the live holds and queue.
+STATE = """
+WITH expired AS (DELETE FROM locks.holds WHERE name = $1 AND expire_time <= now() RETURNING *),
+     dead AS (DELETE FROM locks.waiters WHERE name = $1 AND deadline <= now() RETURNING waiter_id)
+SELECT 1 AS part, e.lease_id, e.name, e.token, e.mode, e.holder, e.node_id, e.request_id, e.ttl, e.grant_time,
+       e.expire_time, 0::bigint AS waiter_id
+FROM expired e
+UNION ALL
+SELECT 2, h.lease_id, h.name, h.token, h.mode, h.holder, h.node_id, h.request_id, h.ttl, h.grant_time,
+       h.expire_time, 0
+FROM locks.holds h WHERE h.name = $1 AND h.expire_time > now()
+UNION ALL
+SELECT 3, 0, w.name, 0, w.mode, w.holder, w.node_id, w.request_id, w.ttl, NULL, NULL, w.waiter_id
+FROM locks.waiters w WHERE w.name = $1 AND w.granted_lease_id IS NULL AND w.deadline > now()
+ORDER BY 1, 4, 12
+"""
+LIVE_HOLDS = "SELECT * FROM locks.holds WHERE name = $1 AND expire_time > now() ORDER BY token"
+NEXT_LEASE_IDS = "SELECT nextval('locks.lease_ids') AS id FROM generate_series(1, $1)"
+# One round trip: bump the fence, record the hold, mark the waiter, append the event.
+GRANT = """
+WITH f AS (UPDATE locks.locks SET fence = $2 WHERE name = $1),
+     h AS (INSERT INTO locks.holds (lease_id, name, token, mode, holder, node_id, request_id, ttl, grant_time,
+                                    expire_time)
+           VALUES ($3, $1, $2, $4, $5, $6, $7, $8::interval, $9::timestamptz, $9::timestamptz + $8::interval)),
+     w AS (UPDATE locks.waiters SET granted_lease_id = $3 WHERE waiter_id = $10)
+SELECT core.append_event($11, $6, $12)
+"""
 ENQUEUE = """
 INSERT INTO locks.waiters (name, mode, holder, node_id, request_id, ttl, deadline)
 VALUES ($1, $2, $3, $4, $5, $6::interval, now() + $7::interval)
@@ -59,8 +79,15 @@ LEFT JOIN locks.holds h ON h.lease_id = w.granted_lease_id
 WHERE w.waiter_id = $1
 """
 DELETE_WAITER = "DELETE FROM locks.waiters WHERE waiter_id = $1 RETURNING name, granted_lease_id"
-HOLD_NAME = "SELECT name FROM locks.holds WHERE lease_id = $1"
+HOLD_AND_LOCK = """
+SELECT h.*, l.fence, now() AS now FROM locks.holds h JOIN locks.locks l ON l.name = h.name
+WHERE h.lease_id = $1 FOR UPDATE OF l
+"""
 DELETE_HOLD = "DELETE FROM locks.holds WHERE lease_id = $1 RETURNING *"
+RELEASE_WITH_EVENT = """
+WITH d AS (DELETE FROM locks.holds WHERE lease_id = $1 RETURNING lease_id)
+SELECT core.append_event($2, $3, $4) FROM d
+"""
 KEEP_ALIVE = """
 UPDATE locks.holds SET expire_time = now() + ttl
 WHERE lease_id = $1 AND expire_time > now()
@@ -155,6 +182,9 @@ class LockStore:
         self,
         con: asyncpg.Connection,
         name: str,
+        token: int,
+        lease_id: int,
+        now: datetime,
         mode: Mode,
         holder: str,
         node_id: int,
@@ -162,11 +192,23 @@ class LockStore:
         ttl: timedelta,
         waiter_id: int = 0,
     ) -> Hold:
-        hold = Hold.from_row(await con.fetchrow(GRANT, name, int(mode), holder, node_id, request_id, ttl))
-        if waiter_id:
-            await con.execute(MARK_GRANTED, waiter_id, hold.lease_id)
-        await events.append(
-            con, lock_pb2.LockGranted(lease=convert.hold_to_proto(hold), waiter_id=waiter_id), node_id=node_id
+        """Grants in one statement (fence, hold, waiter, event); the caller holds the lock row."""
+        hold = Hold(lease_id, name, token, mode, holder, node_id, ttl, now, now + ttl)
+        payload = lock_pb2.LockGranted(lease=convert.hold_to_proto(hold), waiter_id=waiter_id)
+        await con.fetchval(
+            GRANT,
+            name,
+            token,
+            lease_id,
+            int(mode),
+            holder,
+            node_id,
+            request_id,
+            ttl,
+            now,
+            waiter_id,
+            events.kind_of(payload),
+            payload.SerializeToString(),
         )
         return hold
 
@@ -175,33 +217,54 @@ class LockStore:
         await events.append(
             con, lock_pb2.LockReleased(lease=convert.hold_to_proto(hold), reason=reason), node_id=hold.node_id
         )
-        if reason != "RELEASED":
-            log.info(
-                "lock %s: hold %s (token %s) of %s %s",
-                hold.name,
-                hold.lease_id,
-                hold.token,
-                hold.holder,
-                reason.lower(),
-                extra={"event": "lock_released", "lock": hold.name, "reason": reason},
-            )
+        log.info(
+            "lock %s: hold %s (token %s) of %s %s",
+            hold.name,
+            hold.lease_id,
+            hold.token,
+            hold.holder,
+            reason.lower(),
+            extra={"event": "lock_released", "lock": hold.name, "reason": reason},
+        )
 
-    async def _settle(self, con: asyncpg.Connection, name: str) -> list[Hold]:
-        """Expires dead holds and waiters of ``name`` and grants waiters in order; the lock row is locked."""
-        for row in await con.fetch(EXPIRED_HOLDS, name):
-            await self._released(con, row, "EXPIRED")
-        await con.execute(DROP_DEAD_WAITERS, name)
-        held = [Mode(r["mode"]) for r in await con.fetch(LIVE_HOLDS, name)]
-        granted = []
-        for w in await con.fetch(QUEUE, name):
-            mode = Mode(w["mode"])
-            if not compatible(mode, held):
+    async def _settle(
+        self, con: asyncpg.Connection, name: str, fence: int, now: datetime
+    ) -> tuple[int, list[asyncpg.Record], list[asyncpg.Record]]:
+        """Expires dead holds and waiters of ``name`` and grants waiters in order (the lock row is locked).
+
+        Returns the fence, the live holds and the waiters still queued, for the caller to decide on.
+        """
+        rows = await con.fetch(STATE, name)
+        holds = [r for r in rows if r["part"] == 2]
+        queue = [r for r in rows if r["part"] == 3]
+        for row in rows:
+            if row["part"] == 1:
+                await self._released(con, row, "EXPIRED")
+        held = [Mode(r["mode"]) for r in holds]
+        go = 0
+        for w in queue:
+            if not compatible(Mode(w["mode"]), held):
                 break  # FIFO: nobody overtakes the first waiter that cannot go
-            granted.append(
-                await self._grant(con, name, mode, w["holder"], w["node_id"], w["request_id"], w["ttl"], w["waiter_id"])
-            )
-            held.append(mode)
-        return granted
+            held.append(Mode(w["mode"]))
+            go += 1
+        if go:
+            ids = [r["id"] for r in await con.fetch(NEXT_LEASE_IDS, go)]
+            for w, lease_id in zip(queue[:go], ids, strict=True):
+                fence += 1
+                await self._grant(
+                    con,
+                    name,
+                    fence,
+                    lease_id,
+                    now,
+                    Mode(w["mode"]),
+                    w["holder"],
+                    w["node_id"],
+                    w["request_id"],
+                    w["ttl"],
+                    w["waiter_id"],
+                )
+        return fence, holds, queue[go:]
 
     # -- acquire, keep alive, release ----------------------------------------------------------
 
@@ -217,20 +280,28 @@ class LockStore:
 
         async def attempt() -> tuple[Acquired | None, LockHeldError | None]:
             async with self._pool.acquire() as con, con.transaction():
-                await con.execute(ENSURE_LOCK, name)
-                await con.fetchval(LOCK_ROW, name)
-                if request_id:
-                    row = await con.fetchrow(HOLD_BY_REQUEST, name, request_id)
-                    if row is not None:
-                        return Acquired(Hold.from_row(row)), None  # a retried acquire
-                    w = await con.fetchrow(WAITER_BY_REQUEST, name, request_id)
-                    if w is not None:
-                        return Acquired(None, w["waiter_id"], loop.time() + wait.total_seconds()), None
-                await self._settle(con, name)
-                queue = await con.fetch(QUEUE, name)
-                holds = await con.fetch(LIVE_HOLDS, name)
+                locked = await con.fetchrow(LOCK_AND_NOW, name)
+                fence, holds, queue = await self._settle(con, name, locked["fence"], locked["now"])
+                if request_id:  # a retried acquire: the same hold, or the same place in line
+                    for h in holds:
+                        if h["request_id"] == request_id:
+                            return Acquired(Hold.from_row(h)), None
+                    for w in queue:
+                        if w["request_id"] == request_id:
+                            return Acquired(None, w["waiter_id"], loop.time() + wait.total_seconds()), None
                 if not queue and compatible(mode, [Mode(h["mode"]) for h in holds]):
-                    hold = await self._grant(con, name, mode, holder, node_id, request_id, ttl)
+                    hold = await self._grant(
+                        con,
+                        name,
+                        fence + 1,
+                        locked["next_lease_id"],
+                        locked["now"],
+                        mode,
+                        holder,
+                        node_id,
+                        request_id,
+                        ttl,
+                    )
                     return Acquired(hold), None
                 if wait <= timedelta(0):
                     top = holds[0] if holds else None
@@ -302,7 +373,7 @@ class LockStore:
             row = await con.fetchrow(DELETE_WAITER, waiter_id)
             if row is None:
                 return None
-            await con.fetchval(LOCK_ROW, row["name"])
+            locked = await con.fetchrow(LOCK_ROW, row["name"])
             if row["granted_lease_id"] is not None:
                 hold_row = await con.fetchrow("SELECT * FROM locks.holds WHERE lease_id = $1", row["granted_lease_id"])
                 if hold_row is not None and keep_grant:
@@ -310,7 +381,7 @@ class LockStore:
                 if hold_row is not None:
                     await con.execute(DELETE_HOLD, row["granted_lease_id"])
                     await self._released(con, hold_row, "RELEASED")
-            await self._settle(con, row["name"])  # those behind may go now
+            await self._settle(con, row["name"], locked["fence"], locked["now"])  # those behind may go now
         self._committed()
         return None
 
@@ -331,15 +402,27 @@ class LockStore:
 
         async def attempt() -> bool:
             async with self._pool.acquire() as con, con.transaction():
-                name = await con.fetchval(HOLD_NAME, lease_id)
-                if name is None:
-                    return False
-                await con.fetchval(LOCK_ROW, name)
-                row = await con.fetchrow(DELETE_HOLD, lease_id)
+                row = await con.fetchrow(HOLD_AND_LOCK, lease_id)
                 if row is None:
                     return False
-                await self._released(con, row, reason)
-                await self._settle(con, name)
+                hold = Hold.from_row(row)
+                payload = lock_pb2.LockReleased(lease=convert.hold_to_proto(hold), reason=reason)
+                appended = await con.fetchval(
+                    RELEASE_WITH_EVENT, lease_id, events.kind_of(payload), hold.node_id, payload.SerializeToString()
+                )
+                if appended is None:
+                    return False  # it expired or was released meanwhile
+                if reason != "RELEASED":
+                    log.info(
+                        "lock %s: hold %s (token %s) of %s released: %s",
+                        hold.name,
+                        lease_id,
+                        hold.token,
+                        hold.holder,
+                        reason,
+                        extra={"event": "lock_released", "lock": hold.name},
+                    )
+                await self._settle(con, hold.name, row["fence"], row["now"])
                 return True
 
         done = await retry_serialization(attempt)
@@ -350,7 +433,8 @@ class LockStore:
     async def break_lock(self, name: str) -> tuple[int, int]:
         """Releases every hold of ``name`` and moves its fence on; returns (fence, released)."""
         async with self._pool.acquire() as con, con.transaction():
-            if await con.fetchval(LOCK_ROW, name) is None:
+            locked = await con.fetchrow(LOCK_ROW, name)
+            if locked is None:
                 raise NotFoundError(
                     f"lock {name} has never been held; `muster locks` lists the locks", domain="muster.locks", lock=name
                 )
@@ -359,7 +443,7 @@ class LockStore:
                 await self._released(con, row, "BROKEN")
             fence = await con.fetchval(MOVE_FENCE, name)
             await events.append(con, lock_pb2.LockBroken(name=name, fence=fence))
-            await self._settle(con, name)
+            await self._settle(con, name, fence, locked["now"])
         self._committed()
         log.warning(
             "lock %s broken: %d holds released, fence moved to %d",
@@ -422,9 +506,10 @@ class LockStore:
             settled = 0
             for name in names:
                 async with con.transaction():
-                    if await con.fetchval(LOCK_ROW_NOWAIT, name) is None:
+                    locked = await con.fetchrow(LOCK_ROW_NOWAIT, name)
+                    if locked is None:
                         continue  # another replica is on it
-                    await self._settle(con, name)
+                    await self._settle(con, name, locked["fence"], locked["now"])
                     settled += 1
         self._committed()
         return settled
