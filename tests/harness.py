@@ -71,7 +71,18 @@ class ServerProcess:
         env["MUSTER_DATABASE_URL"] = self.database_url
         env["GRPC_VERBOSITY"] = "ERROR"
         env.setdefault("MUSTER_LISTEN", "127.0.0.1:0")
-        cmd = [sys.executable, "-m", "muster.cli.main", "serve", self.services[0]]
+        # setpriv --pdeathsig: the server dies with the test process, even when that is killed.
+        cmd = [
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
+            sys.executable,
+            "-m",
+            "muster.cli.main",
+            "serve",
+            self.services[0],
+        ]
         assert len(self.services) == 1, "one service per process (muster serve); muster up runs them all"
         if self.log_path is None:
             import tempfile
