@@ -506,3 +506,27 @@ async def test_the_session_stream_carries_acquires_keep_alives_releases_and_erro
         assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
+
+
+async def test_fenced_update_refuses_a_stale_token(locks_server, database_url: str) -> None:
+    from muster.client.fencing import fenced_update, fenced_update_sql
+
+    assert fenced_update_sql("app.jobs", ["state"], ["id"]) == (
+        'UPDATE "app"."jobs" SET "state" = $1, "fence" = $3 WHERE "id" = $2 AND "fence" <= $3'
+    )
+    with pytest.raises(ValueError):
+        fenced_update_sql("jobs; DROP TABLE x", ["state"], ["id"])
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute("CREATE TABLE guarded (id int PRIMARY KEY, v text, fence bigint NOT NULL DEFAULT 0)")
+        await con.execute("INSERT INTO guarded (id, v) VALUES (1, 'init')")
+        async with Cluster.connect(locks_server.address) as c:
+            old = await c.acquire("guard", ttl=SEC)
+            assert await fenced_update(con, "guarded", key={"id": 1}, values={"v": "old"}, token=old.token)
+            await c.break_lock("guard")  # the old holder is stale now
+            new = await c.acquire("guard", ttl=SEC)
+            assert await fenced_update(con, "guarded", key={"id": 1}, values={"v": "new"}, token=new.token)
+            assert not await fenced_update(con, "guarded", key={"id": 1}, values={"v": "stale"}, token=old.token)
+        assert await con.fetchval("SELECT v FROM guarded WHERE id = 1") == "new"
+    finally:
+        await con.close()
