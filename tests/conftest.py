@@ -69,7 +69,7 @@ async def template_url(pg_url: str) -> str:
     finally:
         await con.close()
     url = _with_database(pg_url, TEMPLATE)
-    await run_migrations(url, ["registry", "locks"], wait=30)
+    await run_migrations(url, ["registry", "locks", "keys"], wait=30)
     return url
 
 

@@ -125,6 +125,9 @@ class ServerProcess:
         """SIGKILL and reap."""
         self.signal(signal.SIGKILL)
         self.wait(10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def terminate(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait; returns the exit code."""

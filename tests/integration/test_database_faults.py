@@ -202,7 +202,12 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
             rows = await con.fetch(
                 "SELECT component, version, count(*) OVER (PARTITION BY component, version) AS n FROM core.migrations"
             )
-            assert {(r["component"], r["version"]) for r in rows} == {("core", 1), ("registry", 1), ("locks", 1)}
+            assert {(r["component"], r["version"]) for r in rows} == {
+                ("core", 1),
+                ("registry", 1),
+                ("locks", 1),
+                ("keys", 1),
+            }
             assert all(r["n"] == 1 for r in rows)
         finally:
             await con.close()

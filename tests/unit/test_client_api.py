@@ -13,6 +13,8 @@ from muster.core.errors import REASONS
 def test_public_names_are_pinned() -> None:
     assert sorted(client.__all__) == sorted(
         [
+            "Agent",
+            "AgentConfig",
             "ClientConfig",
             "Cluster",
             "ClusterInfo",
@@ -33,6 +35,7 @@ def test_public_names_are_pinned() -> None:
             "NodeState",
             "NodeStatus",
             "Progress",
+            "ResolvedAddress",
             "Resync",
             "SyncCluster",
             "SyncClusterView",
@@ -40,6 +43,7 @@ def test_public_names_are_pinned() -> None:
             "Watch",
             "apply_to_nodes",
             "errors",
+            "resolve_node_address",
         ]
     )
     for name in client.__all__:

@@ -51,6 +51,17 @@ def test_error_reasons_are_pinned() -> None:
             "FIRING_CLAIMED",
             "FIRING_DONE",
             "MISFIRED",
+            "MISSING_TOKEN",
+            "BAD_TOKEN",
+            "ADMIN_REQUIRED",
+            "INVALID_SECURE_COOKIE_KEY",
+            "INVALID_LAUNCHER_KEY",
+            "ERROR_READING_LAUNCHER_KEY",
+            "INVALID_KEY_PERMISSIONS",
+            "KEYS_NOT_DEFINED",
+            "KEY_VERSION_NOT_FOUND",
+            "KEY_ROTATION_PENDING",
+            "MASTER_KEY_MISMATCH",
         ]
     )
     assert error_reason_pb2.ErrorReason.Value("ERROR_REASON_NODE_NOT_FOUND") == 2

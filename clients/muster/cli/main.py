@@ -17,7 +17,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-SERVICES = ("registry", "locks")
+SERVICES = ("registry", "locks", "keys")
 
 ListenOpt = Annotated[
     str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")
@@ -36,6 +36,25 @@ TtlOpt = Annotated[
 ]
 MaxNodesOpt = Annotated[
     int | None, typer.Option(help="The cluster's node limit, 0 for none. [env: MUSTER_MAX_NODES; default 0]")
+]
+
+NodeTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the node token, mode 0600 (or set MUSTER_NODE_TOKEN). [env: MUSTER_NODE_TOKEN_FILE]"
+    ),
+]
+AdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the admin token, mode 0600 (or set MUSTER_ADMIN_TOKEN). [env: MUSTER_ADMIN_TOKEN_FILE]"
+    ),
+]
+TlsCertOpt = Annotated[Path | None, typer.Option(help="PEM certificate chain: serve TLS. [env: MUSTER_TLS_CERT_FILE]")]
+TlsKeyOpt = Annotated[Path | None, typer.Option(help="PEM private key of the certificate. [env: MUSTER_TLS_KEY_FILE]")]
+TlsClientCaOpt = Annotated[
+    Path | None,
+    typer.Option(help="PEM CA of client certificates: require mTLS. [env: MUSTER_TLS_CLIENT_CA_FILE]"),
 ]
 
 
@@ -88,6 +107,11 @@ def up(
     check_in_window: WindowOpt = None,
     lease_ttl: TtlOpt = None,
     max_nodes: MaxNodesOpt = None,
+    node_token_file: NodeTokenFileOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
+    tls_cert_file: TlsCertOpt = None,
+    tls_key_file: TlsKeyOpt = None,
+    tls_client_ca_file: TlsClientCaOpt = None,
 ) -> None:
     """Run every service in this process on one port (embedded PostgreSQL unless MUSTER_DATABASE_URL is set)."""
     uvloop, config, server = _server_imports()
@@ -100,8 +124,20 @@ def up(
         check_in_window=check_in_window,
         lease_ttl=lease_ttl,
         max_nodes=max_nodes,
+        node_token_file=node_token_file,
+        admin_token_file=admin_token_file,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_client_ca_file=tls_client_ca_file,
     )
     server.configure_logging(settings.log_level)
+    _check_security(settings)
+    if settings.master_key is None and settings.master_key_file is None:
+        from muster.keys.crypto import ensure_master_key
+
+        path = ensure_master_key(settings.data_dir)
+        print(f"muster: master key for keys at rest in {path} (keep it safe, and out of database backups)", flush=True)
+        settings = settings.model_copy(update={"master_key_file": path})
     embedded = None
     if settings.database_url is not None:
         dsn, shown = settings.database_url.get_secret_value(), _mask(settings.database_url.get_secret_value())
@@ -136,6 +172,11 @@ def serve(
     check_in_window: WindowOpt = None,
     lease_ttl: TtlOpt = None,
     max_nodes: MaxNodesOpt = None,
+    node_token_file: NodeTokenFileOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
+    tls_cert_file: TlsCertOpt = None,
+    tls_key_file: TlsKeyOpt = None,
+    tls_client_ca_file: TlsClientCaOpt = None,
 ) -> None:
     """Run one service in this process against MUSTER_DATABASE_URL (any number of replicas may run)."""
     if service not in SERVICES:
@@ -150,8 +191,14 @@ def serve(
         check_in_window=check_in_window,
         lease_ttl=lease_ttl,
         max_nodes=max_nodes,
+        node_token_file=node_token_file,
+        admin_token_file=admin_token_file,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_client_ca_file=tls_client_ca_file,
     )
     server.configure_logging(settings.log_level)
+    _check_security(settings)
     if settings.database_url is None:
         typer.echo(
             "muster: set MUSTER_DATABASE_URL=postgresql://… (or run `muster up` for everything in one process)",
@@ -188,6 +235,17 @@ def migrate(config_file: ConfigOpt = None) -> None:
         print("database is up to date")
 
 
+def _check_security(settings: Any) -> None:
+    """Refuses unusable authentication or TLS settings before anything starts (one line, exit 2)."""
+    from muster.core.auth import AuthConfigError, load_security
+
+    try:
+        load_security(settings)
+    except AuthConfigError as exc:
+        typer.echo(f"muster: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _mask(dsn: str) -> str:
     """A database URL without its password."""
     from urllib.parse import urlsplit, urlunsplit
@@ -201,11 +259,12 @@ def _mask(dsn: str) -> str:
 
 def _register_client_commands() -> None:
     # Imported here so that `muster up`/`serve` never pay for them, and they never import the server.
-    from muster.cli import agent, locks, nodes
+    from muster.cli import agent, keys, locks, nodes
 
     nodes.register(app)
     agent.register(app)
     locks.register(app)
+    keys.register(app)
 
 
 _register_client_commands()

@@ -12,6 +12,8 @@ asyncio, and :mod:`muster.client.errors` for the exceptions.
 """
 
 from muster.client import errors
+from muster.client._address import ResolvedAddress, resolve_node_address
+from muster.client._agent import Agent, AgentConfig
 from muster.client._cluster import Cluster, KeepAlive
 from muster.client._config import ClientConfig
 from muster.client._models import Cluster as ClusterInfo
@@ -35,6 +37,8 @@ from muster.client._watch import ClusterView, ConnectionState, NodeChange, Watch
 from muster.client.errors import MusterError
 
 __all__ = [
+    "Agent",
+    "AgentConfig",
     "ClientConfig",
     "Cluster",
     "ClusterInfo",
@@ -55,6 +59,7 @@ __all__ = [
     "NodeState",
     "NodeStatus",
     "Progress",
+    "ResolvedAddress",
     "Resync",
     "SyncCluster",
     "SyncClusterView",
@@ -62,4 +67,5 @@ __all__ = [
     "Watch",
     "apply_to_nodes",
     "errors",
+    "resolve_node_address",
 ]

@@ -58,7 +58,11 @@ def open_channel(address: str, config: ClientConfig) -> grpc.aio.Channel:
     """A channel to one replica."""
     interceptors = [_TokenInterceptor(config.token)] if config.token else None
     if config.tls:
-        creds = grpc.ssl_channel_credentials(root_certificates=config.root_certificates)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=config.root_certificates,
+            private_key=config.client_key,
+            certificate_chain=config.client_certificate,
+        )
         return grpc.aio.secure_channel(address, creds, options=_options(config), interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=_options(config), interceptors=interceptors)
 

@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 
 import grpc
 
+from muster.api.keys.v1 import keys_service_pb2_grpc
 from muster.api.locks.v1 import locks_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.api.registry.v1 import registry_service_pb2_grpc
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
+from muster.client._keys import KeysApi
 from muster.client._locks import LocksApi
 from muster.client._models import (
     Cluster as ClusterInfo,
@@ -38,7 +40,7 @@ T = TypeVar("T")
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
-class Cluster(LocksApi):
+class Cluster(LocksApi, KeysApi):
     """A connection to the control plane. Use ``await Cluster.connect(...)`` or
     ``async with Cluster.connect(...) as cluster:``.
 
@@ -52,6 +54,7 @@ class Cluster(LocksApi):
         self.config = config
         self._registry = Endpoint(config.for_service("registry"), config, registry_service_pb2_grpc.RegistryServiceStub)
         self._locks = Endpoint(config.for_service("locks"), config, locks_service_pb2_grpc.LocksServiceStub)
+        self._keys = Endpoint(config.for_service("keys"), config, keys_service_pb2_grpc.KeysServiceStub)
 
     @classmethod
     def connect(
@@ -82,6 +85,7 @@ class Cluster(LocksApi):
         """Closes the channels. Open watches end."""
         await self._registry.close()
         await self._locks.close()
+        await self._keys.close()
 
     @property
     def registry_address(self) -> str:

@@ -41,6 +41,17 @@ __all__ = [
     "DeadlineExceededError",
     "PermissionDeniedError",
     "UnauthenticatedError",
+    "MissingTokenError",
+    "BadTokenError",
+    "AdminRequiredError",
+    "InvalidSecureCookieKeyError",
+    "InvalidLauncherKeyError",
+    "LauncherKeyUnreadableError",
+    "InvalidKeyPermissionsError",
+    "KeysNotDefinedError",
+    "KeyVersionNotFoundError",
+    "KeyRotationPendingError",
+    "MasterKeyMismatchError",
     "InternalError",
     "from_rpc_error",
 ]
@@ -171,6 +182,50 @@ class UnauthenticatedError(MusterError):
     """No or bad credentials."""
 
 
+class MissingTokenError(UnauthenticatedError):
+    """The server requires a token and the call carried none (set ``MUSTER_TOKEN``)."""
+
+
+class BadTokenError(UnauthenticatedError):
+    """The token is not one the server accepts."""
+
+
+class AdminRequiredError(PermissionDeniedError):
+    """The operation needs the admin token (``metadata["method"]`` names the call)."""
+
+
+class InvalidSecureCookieKeyError(FailedPreconditionError):
+    """The node's secure cookie key differs from the cluster's (``node_fingerprint``, ``cluster_fingerprint``)."""
+
+
+class InvalidLauncherKeyError(FailedPreconditionError):
+    """The node's launcher key differs from the cluster's (``node_fingerprint``, ``cluster_fingerprint``)."""
+
+
+class LauncherKeyUnreadableError(InvalidArgumentError):
+    """A launcher key is not a readable PEM private key (``field`` names it)."""
+
+
+class InvalidKeyPermissionsError(FailedPreconditionError):
+    """A key file is readable by group or others (``path``, ``mode``)."""
+
+
+class KeysNotDefinedError(FailedPreconditionError):
+    """The cluster's keys are not defined yet."""
+
+
+class KeyVersionNotFoundError(NotFoundError):
+    """No such key version, or it is retired (``version``)."""
+
+
+class KeyRotationPendingError(FailedPreconditionError):
+    """A rotation is under way: its PENDING version must be promoted first (``version``)."""
+
+
+class MasterKeyMismatchError(FailedPreconditionError):
+    """The stored keys were sealed under another master key than the server's."""
+
+
 class InternalError(MusterError):
     """A server bug."""
 
@@ -196,6 +251,17 @@ BY_REASON: dict[str, type[MusterError]] = {
     "FIRING_CLAIMED": FiringClaimedError,
     "FIRING_DONE": FiringDoneError,
     "MISFIRED": MisfiredError,
+    "MISSING_TOKEN": MissingTokenError,
+    "BAD_TOKEN": BadTokenError,
+    "ADMIN_REQUIRED": AdminRequiredError,
+    "INVALID_SECURE_COOKIE_KEY": InvalidSecureCookieKeyError,
+    "INVALID_LAUNCHER_KEY": InvalidLauncherKeyError,
+    "ERROR_READING_LAUNCHER_KEY": LauncherKeyUnreadableError,
+    "INVALID_KEY_PERMISSIONS": InvalidKeyPermissionsError,
+    "KEYS_NOT_DEFINED": KeysNotDefinedError,
+    "KEY_VERSION_NOT_FOUND": KeyVersionNotFoundError,
+    "KEY_ROTATION_PENDING": KeyRotationPendingError,
+    "MASTER_KEY_MISMATCH": MasterKeyMismatchError,
 }
 BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -91,6 +91,29 @@ class Settings(BaseSettings):
     database_wait: timedelta = Field(timedelta(seconds=60), description="How long start waits for the database.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
     embedded_fsync: bool = Field(True, description="fsync in the embedded database (turn off only for tests).")
+    # Authentication and TLS (muster.core.auth): tokens by variable, TOML or 0600 file; never by flag.
+    node_token: SecretStr | None = Field(None, description="Token nodes present (joins, heartbeats, key fetch).")
+    admin_token: SecretStr | None = Field(None, description="Token for admin RPCs (delete, reset, drain, rotate).")
+    node_token_file: Path | None = Field(None, description="File holding the node token (first line; mode 0600).")
+    admin_token_file: Path | None = Field(None, description="File holding the admin token (first line; mode 0600).")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve TLS.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(None, description="PEM CA of client certificates: require mTLS.")
+    allow_unauthenticated: bool = Field(
+        False, description="Run without tokens or mTLS on a non-loopback address (behind a mesh that authenticates)."
+    )
+
+    # The keys service (muster.keys): the master key that seals keys at rest, and the rotation grace.
+    master_key_file: Path | None = Field(None, description="File holding the 32-byte master key (mode 0600).")
+    master_key: SecretStr | None = Field(None, description="The master key, base64 of 32 bytes (MUSTER_MASTER_KEY).")
+    key_grace_period: timedelta = Field(
+        timedelta(hours=1), description="A replaced key version stays accepted this long after the new one's promotion."
+    )
+
+    @field_validator("key_grace_period", mode="before")
+    @classmethod
+    def _key_duration(cls, value: Any) -> Any:
+        return parse_duration(value)
 
     @field_validator(
         "heartbeat_interval",
@@ -170,6 +193,7 @@ def load_settings(**flags: Any) -> Settings:
             ENV_PREFIX + n
             for n in ("HOST_NAME", "LISTEN_ADDRESS", "PORT", "LABELS", "STATE_DIR", "DELETE_NODE_ON_EXIT", "TOKEN")
         ),
+        *(ENV_PREFIX + n for n in ("TLS", "TLS_CA_FILE", "TLS_CLIENT_CERT_FILE", "TLS_CLIENT_KEY_FILE")),
     }
     for name in sorted(os.environ):
         if name.startswith(ENV_PREFIX) and name not in known:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from muster.core import clock, db, events, migrate
+from muster.core import auth, clock, db, events, migrate
 from muster.core.config import Settings
 from muster.core.watch import Streams
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 COMPONENTS = {
     "registry": "muster.registry.component:RegistryComponent",
     "locks": "muster.locks.component:LocksComponent",
+    "keys": "muster.keys.component:KeysComponent",
 }
 
 SERVER_OPTIONS = [
@@ -56,6 +57,7 @@ class Runtime:
     bus: events.EventBus
     streams: Streams
     health: health.aio.HealthServicer
+    security: auth.Security | None = None  # tokens and TLS; ``call_metadata()`` for calls to other services
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def spawn(self, coro: Any, name: str) -> None:
@@ -158,7 +160,12 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Runs the given components in this process until SIGTERM/SIGINT (or ``stop`` is set)."""
+    """Runs the given components in this process until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Raises:
+        auth.AuthConfigError: the authentication or TLS settings are unusable (before anything starts).
+    """
+    security = auth.load_security(settings)
     classes = [load_component(c) for c in components]
     applied = await run_migrations(dsn, components, wait=settings.database_wait.total_seconds())
     if applied:
@@ -171,15 +178,19 @@ async def serve(
     )
     bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)
     health_servicer = health.aio.HealthServicer()
-    runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer, security)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
     instances = [cls(runtime) for cls in classes]
     names: list[str] = []
     for inst in instances:
         names += inst.mount(server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(settings.listen)
+    credentials = security.server_credentials()
+    if credentials is not None:
+        port = server.add_secure_port(settings.listen, credentials)
+    else:
+        port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}; is the port taken? choose another with --listen")
     stop = stop or asyncio.Event()
@@ -195,7 +206,10 @@ async def serve(
         await server.start()
         host = settings.listen.rpartition(":")[0]
         address = f"{host}:{port}"
-        log.info("serving %s on %s", ", ".join(components), address, extra={"event": "serving"})
+        log.info(
+            "serving %s on %s (%s)", ", ".join(components), address, security.describe(), extra={"event": "serving"}
+        )
+        security.announce()
         if on_ready:
             on_ready(address)
         await stop.wait()

@@ -49,10 +49,10 @@ class HeartbeatBatcher:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for node_id, _, _, fut in batch:
+            for node_id, lease_id, _, fut in batch:
                 if fut.done():
                     continue
-                result = results[node_id]
+                result = results[(node_id, lease_id)]
                 if isinstance(result, Exception):
                     fut.set_exception(result)
                 else:

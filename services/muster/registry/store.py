@@ -57,7 +57,7 @@ UPDATE registry.nodes n SET
 FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::float8[], $5::float8[], $6::int[], $7::int[])
     AS u(id, lease_id, l1, l5, l15, cpus, sessions)
 WHERE n.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
-RETURNING n.id, n.lease_expire_time, now() AS now
+RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now
 """
 NODES_BY_IDS = "SELECT id, lease_id, state, state_reason FROM registry.nodes WHERE id = ANY($1::bigint[])"
 SET_STATE = """
@@ -261,19 +261,25 @@ class RegistryStore:
             raise NodeLimitReachedError(written.node.id, t.max_nodes)
         return written
 
-    async def heartbeats(self, batch: list[tuple[int, int, Load]]) -> dict[int, HeartbeatResult | Exception]:
-        """Renews many leases in one statement (group commit); returns a result or error per node id."""
+    async def heartbeats(
+        self, batch: list[tuple[int, int, Load]]
+    ) -> dict[tuple[int, int], HeartbeatResult | Exception]:
+        """Renews many leases in one statement (group commit); returns a result or error per (node id, lease id).
+
+        Keyed by the lease too: a stale incarnation's heartbeat in the same batch as the current
+        one's must not decide the current one's answer.
+        """
         t = self.timing
-        latest = {node_id: (lease_id, load) for node_id, lease_id, load in batch}
-        ids = list(latest)
+        latest = {(node_id, lease_id): load for node_id, lease_id, load in batch}
+        keys = list(latest)
         args = (
-            ids,
-            [latest[i][0] for i in ids],
-            [latest[i][1].load1 for i in ids],
-            [latest[i][1].load5 for i in ids],
-            [latest[i][1].load15 for i in ids],
-            [latest[i][1].cpu_count for i in ids],
-            [latest[i][1].session_count for i in ids],
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [latest[k].load1 for k in keys],
+            [latest[k].load5 for k in keys],
+            [latest[k].load15 for k in keys],
+            [latest[k].cpu_count for k in keys],
+            [latest[k].session_count for k in keys],
             t.check_in_window,
             t.lease_ttl,
         )
@@ -283,21 +289,21 @@ class RegistryStore:
                 return await con.fetch(HEARTBEAT_BATCH, *args)
 
         rows = await retry_serialization(attempt)
-        out: dict[int, HeartbeatResult | Exception] = {
-            r["id"]: HeartbeatResult(r["lease_expire_time"], r["now"]) for r in rows
+        out: dict[tuple[int, int], HeartbeatResult | Exception] = {
+            (r["id"], r["lease_id"]): HeartbeatResult(r["lease_expire_time"], r["now"]) for r in rows
         }
-        missing = [i for i in ids if i not in out]
+        missing = [k for k in keys if k not in out]
         if missing:
             async with self._pool.acquire() as con:
-                found = {r["id"]: r for r in await con.fetch(NODES_BY_IDS, missing)}
-            for i in missing:
+                found = {r["id"]: r for r in await con.fetch(NODES_BY_IDS, [i for i, _ in missing])}
+            for i, lease_id in missing:
                 r = found.get(i)
                 if r is None:
-                    out[i] = NodeNotFoundError(i)
-                elif r["lease_id"] != latest[i][0]:
-                    out[i] = StaleLeaseError(i, latest[i][0])
+                    out[(i, lease_id)] = NodeNotFoundError(i)
+                elif r["lease_id"] != lease_id:
+                    out[(i, lease_id)] = StaleLeaseError(i, lease_id)
                 else:
-                    out[i] = LeaseExpiredError(i, _state_name(r["state"]), r["state_reason"])
+                    out[(i, lease_id)] = LeaseExpiredError(i, _state_name(r["state"]), r["state_reason"])
         return out
 
     async def leave(self, node_id: int, lease_id: int) -> Written:

@@ -60,6 +60,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The firing already ran (or was skipped); metadata `job`, `state`."""
     ERROR_REASON_MISFIRED: _ErrorReason.ValueType  # 18
     """The firing is later than its misfire threshold and was skipped; metadata `job`."""
+    ERROR_REASON_MISSING_TOKEN: _ErrorReason.ValueType  # 19
+    """The call carries no token (`authorization: Bearer <token>`) and the server requires one."""
+    ERROR_REASON_BAD_TOKEN: _ErrorReason.ValueType  # 20
+    """The token is not one this server accepts."""
+    ERROR_REASON_ADMIN_REQUIRED: _ErrorReason.ValueType  # 21
+    """The call needs the admin token; metadata `method`."""
+    ERROR_REASON_INVALID_SECURE_COOKIE_KEY: _ErrorReason.ValueType  # 22
+    """The node's secure cookie key differs from the cluster's; metadata `node_fingerprint`, `cluster_fingerprint`."""
+    ERROR_REASON_INVALID_LAUNCHER_KEY: _ErrorReason.ValueType  # 23
+    """The node's launcher key differs from the cluster's; metadata `node_fingerprint`, `cluster_fingerprint`."""
+    ERROR_REASON_ERROR_READING_LAUNCHER_KEY: _ErrorReason.ValueType  # 24
+    """A launcher key cannot be read (malformed PEM); metadata `field`."""
+    ERROR_REASON_INVALID_KEY_PERMISSIONS: _ErrorReason.ValueType  # 25
+    """A key file is readable by group or others; metadata `path`, `mode`."""
+    ERROR_REASON_KEYS_NOT_DEFINED: _ErrorReason.ValueType  # 26
+    """The cluster's keys are not defined yet; verify (or upload) first."""
+    ERROR_REASON_KEY_VERSION_NOT_FOUND: _ErrorReason.ValueType  # 27
+    """No such key version (or it is retired); metadata `version`."""
+    ERROR_REASON_KEY_ROTATION_PENDING: _ErrorReason.ValueType  # 28
+    """A rotation is under way; its PENDING version must be promoted first; metadata `version`."""
+    ERROR_REASON_MASTER_KEY_MISMATCH: _ErrorReason.ValueType  # 29
+    """The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC failed: the `reason` of the `google.rpc.ErrorInfo` in a failed
@@ -105,4 +127,26 @@ ERROR_REASON_FIRING_DONE: ErrorReason.ValueType  # 17
 """The firing already ran (or was skipped); metadata `job`, `state`."""
 ERROR_REASON_MISFIRED: ErrorReason.ValueType  # 18
 """The firing is later than its misfire threshold and was skipped; metadata `job`."""
+ERROR_REASON_MISSING_TOKEN: ErrorReason.ValueType  # 19
+"""The call carries no token (`authorization: Bearer <token>`) and the server requires one."""
+ERROR_REASON_BAD_TOKEN: ErrorReason.ValueType  # 20
+"""The token is not one this server accepts."""
+ERROR_REASON_ADMIN_REQUIRED: ErrorReason.ValueType  # 21
+"""The call needs the admin token; metadata `method`."""
+ERROR_REASON_INVALID_SECURE_COOKIE_KEY: ErrorReason.ValueType  # 22
+"""The node's secure cookie key differs from the cluster's; metadata `node_fingerprint`, `cluster_fingerprint`."""
+ERROR_REASON_INVALID_LAUNCHER_KEY: ErrorReason.ValueType  # 23
+"""The node's launcher key differs from the cluster's; metadata `node_fingerprint`, `cluster_fingerprint`."""
+ERROR_REASON_ERROR_READING_LAUNCHER_KEY: ErrorReason.ValueType  # 24
+"""A launcher key cannot be read (malformed PEM); metadata `field`."""
+ERROR_REASON_INVALID_KEY_PERMISSIONS: ErrorReason.ValueType  # 25
+"""A key file is readable by group or others; metadata `path`, `mode`."""
+ERROR_REASON_KEYS_NOT_DEFINED: ErrorReason.ValueType  # 26
+"""The cluster's keys are not defined yet; verify (or upload) first."""
+ERROR_REASON_KEY_VERSION_NOT_FOUND: ErrorReason.ValueType  # 27
+"""No such key version (or it is retired); metadata `version`."""
+ERROR_REASON_KEY_ROTATION_PENDING: ErrorReason.ValueType  # 28
+"""A rotation is under way; its PENDING version must be promoted first; metadata `version`."""
+ERROR_REASON_MASTER_KEY_MISMATCH: ErrorReason.ValueType  # 29
+"""The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

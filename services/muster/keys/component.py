@@ -1,0 +1,147 @@
+"""Mounts the keys service: servicer, the rotation sweep, and a follower of the registry's events.
+
+Which nodes are *live* (and so must acknowledge a PENDING version before it is promoted) is decided
+here without reading the registry's schema: the follower applies the registry's node events from
+this process's event bus to the keys service's own ``keys.nodes`` — ONLINE is live, any other state
+is not, a deleted node is forgotten — and a node that calls this service is live until an event
+says otherwise. A node that stops being live may complete a rotation, so that tries promotion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+
+from muster.api.keys.v1 import keys_service_pb2, keys_service_pb2_grpc
+from muster.api.registry.v1 import node_pb2
+from muster.core.server import Runtime
+from muster.keys import crypto
+from muster.keys.servicer import KeysServicer
+from muster.keys.store import KeyStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = keys_service_pb2.DESCRIPTOR.services_by_name["KeysService"].full_name
+SWEEP_INTERVAL = 0.5  # seconds; retirements are due at retire_time, promotions follow acks at once
+_NODE_EVENTS = {
+    node_pb2.NodeJoined.DESCRIPTOR.full_name: node_pb2.NodeJoined,
+    node_pb2.NodeStateChanged.DESCRIPTOR.full_name: node_pb2.NodeStateChanged,
+    node_pb2.NodeSuspected.DESCRIPTOR.full_name: node_pb2.NodeSuspected,
+    node_pb2.NodeRecovered.DESCRIPTOR.full_name: node_pb2.NodeRecovered,
+}
+_NODE_DELETED = node_pb2.NodeDeleted.DESCRIPTOR.full_name
+_ONLINE = node_pb2.Node.STATE_ONLINE
+
+
+def master_key_from_settings(settings: object) -> crypto.MasterKey:
+    """The master key from ``MUSTER_MASTER_KEY`` or ``master_key_file``.
+
+    Raises:
+        crypto.MasterKeyError: neither is set, or the key is malformed (a RuntimeError: the server
+            does not start, and says how to fix it).
+    """
+    secret = getattr(settings, "master_key", None)
+    key_file = getattr(settings, "master_key_file", None)
+    master = crypto.load_master_key(key_b64=secret.get_secret_value() if secret else None, key_file=key_file)
+    if not secret and key_file is not None:
+        mode = crypto.master_key_file_mode(key_file)
+        if mode is not None and mode & 0o077:
+            log.warning(
+                "master key file %s has mode %s; make it 0600 (chmod 600 %s)",
+                key_file,
+                oct(mode),
+                key_file,
+                extra={"event": "master_key_mode", "path": str(key_file), "mode": oct(mode)},
+            )
+    return master
+
+
+class KeysComponent:
+    """The keys service and its background work.
+
+    Raises:
+        crypto.MasterKeyError: on construction, when no usable master key is configured.
+    """
+
+    service_name = SERVICE_NAME
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        master = master_key_from_settings(runtime.settings)
+        self.store = KeyStore(
+            runtime.pool, runtime.bus.numberer, master, grace_period=runtime.settings.key_grace_period
+        )
+        self.servicer = KeysServicer(self.store)
+        log.info(
+            "keys sealed under master key %s",
+            master.id,
+            extra={"event": "master_key_loaded", "master_key_id": master.id, "pid": os.getpid()},
+        )
+
+    def mount(self, server: grpc.aio.Server) -> list[str]:
+        """Adds the servicer; returns the service name."""
+        keys_service_pb2_grpc.add_KeysServiceServicer_to_server(self.servicer, server)
+        return [SERVICE_NAME]
+
+    async def start(self) -> None:
+        """Starts the sweep and the follower."""
+        self._runtime.spawn(self._sweep(), "muster-keys-sweep")
+        self._runtime.spawn(self._follow(), "muster-keys-follow")
+
+    async def stop(self) -> None:
+        """Nothing to stop beyond the runtime's tasks."""
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.store.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
+                log.debug("keys sweep failed: %s", type(exc).__name__)
+
+    async def _follow(self) -> None:
+        """Applies the registry's node events to the keys service's list of live nodes."""
+        bus = self._runtime.bus
+        cursor = bus.head
+        while True:
+            await bus.wait(cursor, 1.0)
+            try:
+                batch = await bus.read(cursor, 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database may be down
+                await asyncio.sleep(0.5)
+                continue
+            if batch and batch[0].revision != cursor + 1:
+                cursor = batch[0].revision - 1  # compacted past us: nodes re-announce themselves by calling
+            lost_live = False
+            for ev in batch:
+                cursor = ev.revision
+                try:
+                    cls = _NODE_EVENTS.get(ev.kind)
+                    if cls is not None:
+                        msg = cls()
+                        ev.proto.payload.Unpack(msg)
+                        live = msg.node.state == _ONLINE
+                        if await self.store.node_changed(msg.node.id, live, ev.revision) and not live:
+                            lost_live = True
+                    elif ev.kind == _NODE_DELETED:
+                        deleted = node_pb2.NodeDeleted()
+                        ev.proto.payload.Unpack(deleted)
+                        lost_live |= await self.store.node_deleted(deleted.node_id or ev.node_id)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one event must not stop the follower
+                    log.warning("keys follower: %s on revision %s", type(exc).__name__, ev.revision)
+            if lost_live:
+                try:
+                    await self.store.sweep()  # a node that went away may complete a rotation
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the periodic sweep tries again
+                    log.debug("keys sweep after node change failed: %s", type(exc).__name__)
