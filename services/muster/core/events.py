@@ -18,9 +18,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 from google.protobuf import any_pb2
@@ -360,6 +361,48 @@ class EventBus:
                 raise
             except Exception as exc:  # noqa: BLE001 - the database may be down; try again
                 log.debug("event poll failed: %s", type(exc).__name__)
+
+
+async def follow(
+    bus: EventBus,
+    on_event: Callable[[StoredEvent], Awaitable[Any]],
+    *,
+    name: str,
+    after_batch: Callable[[list[Any]], Awaitable[None]] | None = None,
+) -> None:
+    """Follows the log from this process's current head, for the life of the calling task.
+
+    Each event goes to ``on_event`` (an error there is logged and the follower goes on); the
+    results of a batch go to ``after_batch``. History compacted past a slow follower is skipped:
+    followers use the log to act sooner, and keep a slower fallback of their own for what they miss.
+    """
+    cursor = bus.head
+    while True:
+        await bus.wait(cursor, 1.0)
+        try:
+            batch = await bus.read(cursor, 1000)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the database may be down
+            await asyncio.sleep(0.5)
+            continue
+        results = []
+        for ev in batch:
+            try:
+                results.append(await on_event(ev))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one event must not stop the follower
+                log.warning("%s: %s on revision %s", name, type(exc).__name__, ev.revision)
+        if batch:
+            cursor = batch[-1].revision
+            if after_batch is not None:
+                try:
+                    await after_batch(results)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the caller's periodic work tries again
+                    log.debug("%s: after batch: %s", name, type(exc).__name__)
 
 
 async def compact(pool: asyncpg.Pool, *, keep_events: int, keep_for: timedelta) -> int:

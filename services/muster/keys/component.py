@@ -17,6 +17,7 @@ import grpc
 
 from muster.api.keys.v1 import keys_service_pb2, keys_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
+from muster.core import events
 from muster.core.server import Runtime
 from muster.keys import crypto
 from muster.keys.servicer import KeysServicer
@@ -106,42 +107,22 @@ class KeysComponent:
 
     async def _follow(self) -> None:
         """Applies the registry's node events to the keys service's list of live nodes."""
-        bus = self._runtime.bus
-        cursor = bus.head
-        while True:
-            await bus.wait(cursor, 1.0)
-            try:
-                batch = await bus.read(cursor, 1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the database may be down
-                await asyncio.sleep(0.5)
-                continue
-            if batch and batch[0].revision != cursor + 1:
-                cursor = batch[0].revision - 1  # compacted past us: nodes re-announce themselves by calling
-            lost_live = False
-            for ev in batch:
-                cursor = ev.revision
-                try:
-                    cls = _NODE_EVENTS.get(ev.kind)
-                    if cls is not None:
-                        msg = cls()
-                        ev.proto.payload.Unpack(msg)
-                        live = msg.node.state == _ONLINE
-                        if await self.store.node_changed(msg.node.id, live, ev.revision) and not live:
-                            lost_live = True
-                    elif ev.kind == _NODE_DELETED:
-                        deleted = node_pb2.NodeDeleted()
-                        ev.proto.payload.Unpack(deleted)
-                        lost_live |= await self.store.node_deleted(deleted.node_id or ev.node_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one event must not stop the follower
-                    log.warning("keys follower: %s on revision %s", type(exc).__name__, ev.revision)
-            if lost_live:
-                try:
-                    await self.store.sweep()  # a node that went away may complete a rotation
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the periodic sweep tries again
-                    log.debug("keys sweep after node change failed: %s", type(exc).__name__)
+        await events.follow(self._runtime.bus, self._on_event, name="keys follower", after_batch=self._after_batch)
+
+    async def _on_event(self, ev: events.StoredEvent) -> bool:
+        """Returns whether a live node went away."""
+        cls = _NODE_EVENTS.get(ev.kind)
+        if cls is not None:
+            msg = cls()
+            ev.proto.payload.Unpack(msg)
+            live = msg.node.state == _ONLINE
+            return bool(await self.store.node_changed(msg.node.id, live, ev.revision)) and not live
+        if ev.kind == _NODE_DELETED:
+            deleted = node_pb2.NodeDeleted()
+            ev.proto.payload.Unpack(deleted)
+            return bool(await self.store.node_deleted(deleted.node_id or ev.node_id))
+        return False
+
+    async def _after_batch(self, lost_live: list[bool]) -> None:
+        if any(lost_live):
+            await self.store.sweep()  # a node that went away may complete a rotation

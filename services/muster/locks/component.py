@@ -10,6 +10,7 @@ import grpc
 
 from muster.api.locks.v1 import lock_pb2, locks_service_pb2, locks_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
+from muster.core import events
 from muster.core.server import Runtime
 from muster.locks.servicer import LocksServicer
 from muster.locks.store import LockStore
@@ -56,36 +57,19 @@ class LocksComponent:
                 log.debug("lock sweep failed: %s", type(exc).__name__)
 
     async def _follow(self) -> None:
-        """Reads the log as this process's bus delivers it: grants wake local waiters; expired nodes lose locks."""
-        bus = self._runtime.bus
-        cursor = bus.head
-        while True:
-            await bus.wait(cursor, 1.0)
-            try:
-                batch = await bus.read(cursor, 1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the database may be down
-                await asyncio.sleep(0.5)
-                continue
-            if batch and batch[0].revision != cursor + 1:
-                cursor = batch[0].revision - 1  # compacted past us: the waiters' poll covers the gap
-            for ev in batch:
-                cursor = ev.revision
-                try:
-                    if ev.kind == _GRANTED:
-                        granted = lock_pb2.LockGranted()
-                        ev.proto.payload.Unpack(granted)
-                        if granted.waiter_id:
-                            self.store.granted(granted.waiter_id)
-                    elif ev.kind == _NODE_STATE:
-                        changed = node_pb2.NodeStateChanged()
-                        ev.proto.payload.Unpack(changed)
-                        if changed.node.state == _OFFLINE and changed.node.state_reason == "LEASE_EXPIRED":
-                            await self.store.release_node(changed.node.id)
-                    elif ev.kind == _NODE_DELETED:
-                        await self.store.release_node(ev.node_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - one event must not stop the follower
-                    log.warning("lock follower: %s on revision %s", type(exc).__name__, ev.revision)
+        """Grants wake local waiters; nodes whose registry lease expired (or that were deleted) lose their locks."""
+        await events.follow(self._runtime.bus, self._on_event, name="lock follower")
+
+    async def _on_event(self, ev: events.StoredEvent) -> None:
+        if ev.kind == _GRANTED:
+            granted = lock_pb2.LockGranted()
+            ev.proto.payload.Unpack(granted)
+            if granted.waiter_id:
+                self.store.granted(granted.waiter_id)
+        elif ev.kind == _NODE_STATE:
+            changed = node_pb2.NodeStateChanged()
+            ev.proto.payload.Unpack(changed)
+            if changed.node.state == _OFFLINE and changed.node.state_reason == "LEASE_EXPIRED":
+                await self.store.release_node(changed.node.id)
+        elif ev.kind == _NODE_DELETED:
+            await self.store.release_node(ev.node_id)
