@@ -274,7 +274,7 @@ async def test_a_node_going_offline_in_the_registry_completes_a_rotation(databas
             ids = [lease.node_id for lease in leases]
             for i, node_id in enumerate(ids):
                 await c.ensure_keys(node_id, keyfiles.KeyPaths.in_dir(tmp_path / f"n{i}"))
-            v2, _ = await c.rotate_keys()
+            await c.rotate_keys()
             new = await c.fetch_keys(ids[0], version=2)
             assert not (await c.ack_key_version(ids[0], 2, new.fingerprints)).promoted
             await r.leave_node(leases[1])  # OFFLINE: no longer live, so the first node's ack suffices
@@ -338,3 +338,40 @@ async def test_encrypt_secret_and_reset(keys_server, tmp_path: Path) -> None:
         assert not (await c.key_status()).defined
         again = await c.ensure_keys(2, keyfiles.KeyPaths.in_dir(tmp_path / "n2"))
         assert again.action == "defined" and again.fingerprints != first.fingerprints
+
+
+async def test_key_material_never_reaches_the_server_log_at_debug(database_url: str, tmp_path: Path) -> None:
+    """Define, fetch, a refused mismatch, rotate, ack, encrypt: the log holds no key byte (raw, hex, base64)."""
+    log_path = tmp_path / "server.log"
+    server = ServerProcess(database_url, ["keys"], env={**ENV, "MUSTER_LOG_LEVEL": "DEBUG"}, log_path=log_path)
+    server.start()
+    secrets_: list[bytes] = [MASTER]
+    try:
+        async with Cluster.connect(server.address) as c:
+            await c.ensure_keys(1, keyfiles.generate_keys(tmp_path / "n1"))
+            await c.ensure_keys(2, keyfiles.KeyPaths.in_dir(tmp_path / "n2"))
+            with pytest.raises(E.InvalidSecureCookieKeyError):
+                await c.ensure_keys(3, keyfiles.generate_keys(tmp_path / "n3"))  # a node with other keys
+            await c.rotate_keys()
+            for version in (1, 2):
+                k = await c.fetch_keys(1, version=version)
+                body = "".join(k.launcher_private_key_pem.strip().splitlines()[1:-1])
+                secrets_ += [k.secure_cookie_key, base64.b64decode(body)]
+            for node in (1, 2):
+                await c.ack_key_version(node, 2, (await c.fetch_keys(node, version=2)).fingerprints)
+            await c.encrypt_secret("database-password")
+        secrets_.append((tmp_path / "n3" / keyfiles.COOKIE_FILE).read_bytes())  # the refused node's own key
+    finally:
+        server.stop()
+    log = log_path.read_text(errors="replace")
+    assert "DEBUG" in log and len(log) > 500  # the log really ran at DEBUG
+    for secret in secrets_:
+        for needle in (
+            secret.hex(),
+            base64.b64encode(secret).decode(),
+            base64.b64encode(secret[:24]).decode(),
+            base64.urlsafe_b64encode(secret[:24]).decode(),
+        ):
+            assert needle not in log
+        assert secret[:16].decode("latin-1") not in log
+    assert "database-password" not in log
