@@ -288,19 +288,24 @@ async def test_an_agent_frozen_past_its_lease_joins_again_with_the_same_id(regis
         agent.stop()
 
 
-async def test_an_agent_whose_node_was_deleted_joins_again_and_rewrites_node_json(
-    registry_server: ServerProcess,
-) -> None:
+async def test_an_agent_whose_node_was_deleted_joins_again_as_a_new_node(registry_server: ServerProcess) -> None:
+    # Deletion is two steps (DELETING, then removed); a heartbeat between them must not make the
+    # agent join back into the old row, undoing the operator's deletion. Several rounds, to hit it.
     agent = AgentProcess([registry_server.address])
     try:
         agent.start()
+        node_id = agent.node_id
         async with Cluster.connect(registry_server.address) as cluster:
-            await cluster.delete_node(agent.node_id, force=True)
-            m = await agent.line(REJOINED, 10)
-            new_id = int(m[2])
-            assert m[1] == f"node {agent.node_id} was removed from the cluster" and new_id != agent.node_id
-            assert (await cluster.get_node(new_id)).state is NodeState.ONLINE
-        await wait_for(lambda: json.loads(agent.node_file.read_text())["id"] == new_id, what="node.json")
+            for round_ in range(1, 6):
+                await cluster.delete_node(node_id, force=True)
+                await wait_for(lambda n=round_: len(agent.lines_matching(REJOINED)) == n, what="joining again")
+                m = REJOINED.search(agent.lines_matching(REJOINED)[-1])
+                assert m[1] == f"node {node_id} was removed from the cluster", agent.output()
+                assert int(m[2]) != node_id
+                node_id = int(m[2])
+                assert (await cluster.get_node(node_id)).state is NodeState.ONLINE
+                await wait_for(lambda n=node_id: json.loads(agent.node_file.read_text())["id"] == n, what="node.json")
+            assert [n.id for n in (await cluster.list_nodes()).nodes] == [node_id]
     finally:
         agent.stop()
 
@@ -546,10 +551,30 @@ async def test_an_application_embeds_the_agent(registry_server: ServerProcess) -
             assert node.address == "embedded.example:7001"
         assert not (state / "agent.sock").exists()
         assert json.loads((state / "node.json").read_text())["id"] == node_id
+
+        # Without a Cluster of its own, the agent connects to config.addresses; run(stop) until stop is set.
+        own = Agent(None, AgentConfig(addresses=registry_server.address, host_name="own.example", state_dir=state))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(own.run(stop))
+        lease = await asyncio.wait_for(own.wait_joined(), 10)
+        assert (await _status_over_socket(state / "agent.sock"))["node_id"] == lease.node_id
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        async with Cluster.connect(registry_server.address) as cluster:
+            assert (await cluster.get_node(lease.node_id)).state is NodeState.OFFLINE
     finally:
         import shutil
 
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def _status_over_socket(path: Path) -> dict:
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(b'{"op": "status"}\n')
+        return json.loads(await reader.readline())
+    finally:
+        writer.close()
 
 
 async def _session_count(cluster: Cluster, node_id: int, n: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -271,8 +272,25 @@ _register_client_commands()
 
 
 def main() -> None:
-    """Entry point of the ``muster`` command."""
-    app(prog_name="muster")
+    """Entry point of the ``muster`` command.
+
+    Ends with ``os._exit`` after flushing: gRPC's teardown at interpreter exit can crash the process
+    (losing buffered output); every command has already closed its channels and stopped what it
+    started by then.
+    """
+    code = 0
+    try:
+        app(prog_name="muster")
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            code = 1
+        else:
+            code = exc.code or 0
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -447,6 +447,8 @@ class Agent:
                 why = f"node {previous.node_id} was removed from the cluster"
             elif isinstance(cause, StaleLeaseError):
                 why = f"node {previous.node_id} is gone (the control plane was reset)"
+            elif cause is not None and cause.metadata.get("state_reason", "LEASE_EXPIRED") != "LEASE_EXPIRED":
+                why = f"node {previous.node_id} was {cause.metadata.get('state')} ({cause.metadata['state_reason']})"
             else:
                 why = "lease expired"
             log.info(
@@ -469,7 +471,10 @@ class Agent:
                     beat = await keep_alive.beat(self._load())
                 except (LeaseExpiredError, NodeNotFoundError) as exc:
                     await keep_alive.close()
-                    await self._join(cluster, exc)
+                    cause: MusterError = exc
+                    if exc.metadata.get("state") == "DELETING":
+                        cause = await self._deleted(cluster, exc)
+                    await self._join(cluster, cause)
                     keep_alive = cluster.keep_alive(self._lease)
                     continue
                 except StaleLeaseError as exc:
@@ -494,6 +499,24 @@ class Agent:
                 await asyncio.sleep(max(0.0, started + interval - time.monotonic()))
         finally:
             await keep_alive.close()
+
+    async def _deleted(self, cluster: Cluster, cause: MusterError) -> MusterError:
+        """Waits for an operator's deletion (DELETING, then removed) to finish before joining again:
+        joining in between would bring the row back under its old id and undo the deletion."""
+        assert self._lease is not None
+        attempt = 0
+        while True:
+            try:
+                node = await cluster.get_node(self._lease.node_id)
+            except NodeNotFoundError as exc:
+                return exc
+            except _TRANSIENT as exc:
+                self._failing(exc)
+            else:
+                if node.state.name != "DELETING" or node.address != self._lease.node.address:
+                    return cause
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
 
     async def _replaced(self, cluster: Cluster) -> bool:
         """After STALE_LEASE: does another agent hold this node (rather than a reset control plane
