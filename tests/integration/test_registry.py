@@ -240,3 +240,21 @@ async def test_reflection_lists_the_services_and_health_answers_per_service(regi
         for name in ["", "muster.api.registry.v1.RegistryService"]:
             r = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_join_racing_a_delete_is_aborted_and_does_not_revive_the_row(registry_server, database_url) -> None:
+    import asyncpg
+
+    async with registry(registry_server.address) as stub:
+        r = await _join(stub, "racing")
+        con = await asyncpg.connect(database_url)
+        try:
+            # The first of the two deletion transactions has committed: the row is DELETING.
+            await con.execute("UPDATE registry.nodes SET state = 4 WHERE id = $1", r.node.id)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _join(stub, "racing")
+            assert info.value.code() == grpc.StatusCode.ABORTED
+            assert error_reason(info.value) == ("NODE_DELETING", {"node": str(r.node.id)})
+            assert await con.fetchval("SELECT state FROM registry.nodes WHERE id = $1", r.node.id) == 4
+        finally:
+            await con.close()

@@ -46,6 +46,7 @@ def test_error_reasons_are_pinned() -> None:
             "INTERNAL",
             "FUTURE_REVISION",
             "LOCK_HELD",
+            "NODE_DELETING",
             "LOCK_NOT_HELD",
             "STALE_TOKEN",
             "FIRING_CLAIMED",

@@ -30,6 +30,7 @@ __all__ = [
     "NodeStateError",
     "FutureRevisionError",
     "AbortedError",
+    "NodeDeletingError",
     "LockHeldError",
     "LockNotHeldError",
     "StaleTokenError",
@@ -136,6 +137,10 @@ class FutureRevisionError(FailedPreconditionError):
 
 class AbortedError(MusterError):
     """A lost race; the whole operation may be retried."""
+
+
+class NodeDeletingError(AbortedError):
+    """The node is being deleted; join again in a moment (it will get a new id)."""
 
 
 class LockHeldError(AbortedError):
@@ -245,6 +250,7 @@ BY_REASON: dict[str, type[MusterError]] = {
     "SHUTTING_DOWN": UnavailableError,
     "INTERNAL": InternalError,
     "FUTURE_REVISION": FutureRevisionError,
+    "NODE_DELETING": NodeDeletingError,
     "LOCK_HELD": LockHeldError,
     "LOCK_NOT_HELD": LockNotHeldError,
     "STALE_TOKEN": StaleTokenError,

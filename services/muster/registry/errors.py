@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from muster.core.errors import FailedPreconditionError, NotFoundError
+from muster.core.errors import AbortedError, FailedPreconditionError, NotFoundError
 
 DOMAIN = "muster.registry"
 
@@ -83,3 +83,16 @@ class NodeStateError(FailedPreconditionError):
 
     def __init__(self, node_id: int, state: str, what: str) -> None:
         super().__init__(f"node {node_id} is {state}: {what}", domain=DOMAIN, node=node_id, state=state)
+
+
+class NodeDeletingError(AbortedError):
+    """A join raced an operator's delete: the row is DELETING until the removal commits."""
+
+    reason = "NODE_DELETING"
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(
+            f"node {node_id} is being deleted; join again in a moment (it gets a new id)",
+            domain=DOMAIN,
+            node=node_id,
+        )

@@ -19,6 +19,7 @@ from muster.core.db import retry_serialization
 from muster.registry import convert
 from muster.registry.errors import (
     LeaseExpiredError,
+    NodeDeletingError,
     NodeHasSessionsError,
     NodeLimitReachedError,
     NodeNotFoundError,
@@ -210,6 +211,8 @@ class RegistryStore:
                 if t.max_nodes:
                     await con.execute(LOCK_CLUSTER)  # serializes the count against concurrent joins
                 existing = await con.fetchrow(NODE_FOR_UPDATE_BY_ADDRESS, address)
+                if existing is not None and existing["state"] == State.DELETING:
+                    raise NodeDeletingError(existing["id"])  # joining now would undo the operator's delete
                 if (
                     existing is not None
                     and request_id

@@ -82,6 +82,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A rotation is under way; its PENDING version must be promoted first; metadata `version`."""
     ERROR_REASON_MASTER_KEY_MISMATCH: _ErrorReason.ValueType  # 29
     """The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
+    ERROR_REASON_NODE_DELETING: _ErrorReason.ValueType  # 30
+    """The node is being deleted: join again once the deletion finished (retryable); metadata `node`."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC failed: the `reason` of the `google.rpc.ErrorInfo` in a failed
@@ -149,4 +151,6 @@ ERROR_REASON_KEY_ROTATION_PENDING: ErrorReason.ValueType  # 28
 """A rotation is under way; its PENDING version must be promoted first; metadata `version`."""
 ERROR_REASON_MASTER_KEY_MISMATCH: ErrorReason.ValueType  # 29
 """The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
+ERROR_REASON_NODE_DELETING: ErrorReason.ValueType  # 30
+"""The node is being deleted: join again once the deletion finished (retryable); metadata `node`."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
