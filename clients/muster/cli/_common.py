@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -44,13 +43,10 @@ def address_or_default(address: str | None) -> str:
 
 
 def default_state_dir() -> Path:
-    """``MUSTER_STATE_DIR``, else /var/lib/muster/agent for root, else the user's state directory."""
-    if os.environ.get("MUSTER_STATE_DIR"):
-        return Path(os.environ["MUSTER_STATE_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/muster/agent")
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "muster" / "agent"
+    """The agent's default state directory (one definition, in the client)."""
+    from muster.client._agent import default_state_dir as agents_default
+
+    return agents_default()
 
 
 def read_node_file(state_dir: Path | None) -> dict[str, Any] | None:
