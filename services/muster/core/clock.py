@@ -65,3 +65,19 @@ async def outages_after(con: asyncpg.Connection, last_applied: int) -> list[Outa
     """Outages recorded after ``last_applied`` (a service's marker), oldest first."""
     rows = await con.fetch(OUTAGES_AFTER, last_applied)
     return [Outage(r["id"], r["credited"]) for r in rows]
+
+
+async def credit_due(
+    con: asyncpg.Connection, *, threshold: timedelta, cap: timedelta, marker_query: str, set_marker_query: str
+) -> timedelta | None:
+    """A service sweep's preamble, in its transaction: tick, then claim the outages not yet credited.
+
+    ``marker_query`` locks and reads the service's last credited outage id; ``set_marker_query`` moves
+    it on (both the service's own statements). Returns the time to add to the service's leases, or None.
+    """
+    await tick(con, threshold=threshold, cap=cap)
+    outages = await outages_after(con, await con.fetchval(marker_query))
+    if not outages:
+        return None
+    await con.execute(set_marker_query, outages[-1].id)
+    return sum((o.credited for o in outages), timedelta())

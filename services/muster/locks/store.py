@@ -487,15 +487,17 @@ class LockStore:
         """
         async with self._pool.acquire() as con:
             async with con.transaction():
-                await clock.tick(con, threshold=outage_threshold, cap=max_credit)
-                marker = await con.fetchval(OUTAGE_MARKER)
-                outages = await clock.outages_after(con, marker)
-                if outages:
-                    credit = sum((o.credited for o in outages), timedelta())
+                credit = await clock.credit_due(
+                    con,
+                    threshold=outage_threshold,
+                    cap=max_credit,
+                    marker_query=OUTAGE_MARKER,
+                    set_marker_query=SET_OUTAGE_MARKER,
+                )
+                if credit is not None:
                     await con.execute(CREDIT_HOLDS, credit)
                     await con.execute(CREDIT_WAITERS, credit)
                     await con.execute(CREDIT_FIRINGS, credit)
-                    await con.execute(SET_OUTAGE_MARKER, outages[-1].id)
                 for row in await con.fetch(EXPIRED_FIRINGS):
                     await events.append(
                         con,

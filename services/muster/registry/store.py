@@ -477,13 +477,15 @@ class RegistryStore:
         written = 0
         async with self._pool.acquire() as con:
             async with con.transaction():
-                await clock.tick(con, threshold=outage_threshold, cap=max_credit)
-                marker = await con.fetchval(OUTAGE_MARKER)
-                outages = await clock.outages_after(con, marker)
-                if outages:
-                    credit = sum((o.credited for o in outages), timedelta())
+                credit = await clock.credit_due(
+                    con,
+                    threshold=outage_threshold,
+                    cap=max_credit,
+                    marker_query=OUTAGE_MARKER,
+                    set_marker_query=SET_OUTAGE_MARKER,
+                )
+                if credit is not None:
                     await con.execute(CREDIT_LEASES, credit)
-                    await con.execute(SET_OUTAGE_MARKER, outages[-1].id)
                 for row in await con.fetch(SWEEP_HEALTH):
                     node = Node.from_row(row)
                     cls = node_pb2.NodeSuspected if node.health == Health.MISSED_CHECK_IN else node_pb2.NodeRecovered
