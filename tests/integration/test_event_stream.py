@@ -52,6 +52,7 @@ async def _client(addresses: list[str], name: str, deadline: float, rng: random.
                 grpc.StatusCode.CANCELLED,
                 grpc.StatusCode.NOT_FOUND,
                 grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.ABORTED,  # a join racing another client's delete of the same address
             ):
                 raise
             i += 1
