@@ -157,6 +157,24 @@ async def test_streams_need_a_token_too(token_server: ServerProcess) -> None:
         call.cancel()
 
 
+async def test_the_client_sends_its_token_on_streams_as_on_unary_calls(token_server: ServerProcess) -> None:
+    """Regression: grpc.aio dropped an interceptor's metadata on response-streaming calls, so a
+    client with a token could join but not watch, keep alive or hold a lock session."""
+    from muster.client import Cluster
+
+    async with Cluster.connect(token_server.address, token=NODE) as c:
+        lease = await c.join_node("streams.test", 8787)
+        async with c.watch(0) as events:
+            first = await asyncio.wait_for(anext(aiter(events)), 10)
+        assert type(first).__name__ == "Resync" and [n.id for n in first.nodes] == [lease.node_id]
+        keep_alive = c.keep_alive(lease)
+        try:
+            beat = await asyncio.wait_for(keep_alive.beat(), 10)
+        finally:
+            await keep_alive.close()
+        assert beat.lease_expire_time is not None
+
+
 async def test_health_and_reflection_need_no_token(token_server: ServerProcess) -> None:
     async with grpc.aio.insecure_channel(token_server.address) as ch:
         resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))

@@ -48,6 +48,8 @@ NODE_KEYS = {
     "last_seen",
     "load",
     "sessions",
+    "message",
+    "details",
 }
 READABLE = {
     "ONLINE": "Online",

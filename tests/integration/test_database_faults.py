@@ -205,6 +205,7 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
             assert {(r["component"], r["version"]) for r in rows} == {
                 ("core", 1),
                 ("registry", 1),
+                ("registry", 2),
                 ("locks", 1),
                 ("keys", 1),
             }

@@ -73,6 +73,8 @@ def test_node_json_keeps_the_stored_status_and_derives_health() -> None:
         "last_seen": "2026-05-01T10:00:03.250000+00:00",
         "load": {"load1": 0.5, "load5": 0.25, "load15": 0.125, "cpu_count": 4},
         "sessions": 2,
+        "message": "",
+        "details": {},
     }
     gone = node_json(node(state=NodeState.OFFLINE, health=Health.NONE, reason="LEFT", last_seen=None))
     assert (gone["status"], gone["health"], gone["last_seen"]) == ("OFFLINE", "OK", None)

@@ -66,3 +66,46 @@ def test_unknown_variable_is_warned(monkeypatch: pytest.MonkeyPatch, caplog: pyt
     monkeypatch.setenv("MUSTER_LEASE_TLL", "5s")
     load_settings()
     assert "MUSTER_LEASE_TLL" in caplog.text
+
+
+def test_an_encrypted_database_password_is_decrypted_with_the_cookie_key_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import os
+
+    from muster.client import keyfiles
+    from muster.core.config import database_dsn
+
+    for name in list(os.environ):
+        if name.startswith("MUSTER_"):
+            monkeypatch.delenv(name)
+    key = tmp_path / "secure-cookie-key"
+    keyfiles.write_key_file(key, os.urandom(32))
+    secret = "p@ss:w/rd é"
+    encrypted = keyfiles.encrypt_password(secret, key.read_bytes())
+    assert secret not in encrypted
+    url = "postgresql://muster@db.example:5433/muster?sslmode=require"
+    settings = load_settings(database_url=url, database_password=encrypted, secure_cookie_key_file=key)
+    dsn = database_dsn(settings)
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(dsn)
+    assert (unquote(parts.password or ""), parts.username, parts.hostname, parts.port, parts.path, parts.query) == (
+        secret,
+        "muster",
+        "db.example",
+        5433,
+        "/muster",
+        "sslmode=require",
+    )
+    # Without the key file, or with another key, it refuses and says what to do, never the password.
+    with pytest.raises(ValueError, match="MUSTER_SECURE_COOKIE_KEY_FILE") as no_key:
+        database_dsn(load_settings(database_url=url, database_password=encrypted))
+    other = tmp_path / "other-key"
+    keyfiles.write_key_file(other, os.urandom(32))
+    with pytest.raises(ValueError, match="encrypt-password") as wrong:
+        database_dsn(load_settings(database_url=url, database_password=encrypted, secure_cookie_key_file=other))
+    for err in (no_key, wrong):
+        assert secret not in str(err.value) and encrypted not in str(err.value)
+    # A plain URL is used as given.
+    assert database_dsn(load_settings(database_url="postgresql://u:pw@h/db")) == "postgresql://u:pw@h/db"

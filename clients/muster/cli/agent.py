@@ -83,6 +83,42 @@ DeleteOpt = Annotated[
 ]
 
 
+def _path_opt(flag: str, env: str, what: str) -> object:
+    return typer.Option(
+        flag, metavar="FILE", envvar=env, show_envvar=False, show_default=False, help=f"{what} [env: {env}]"
+    )
+
+
+KeysDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys-dir",
+        metavar="DIR",
+        envvar="MUSTER_KEYS_DIR",
+        show_envvar=False,
+        show_default=False,
+        help="Manage the node's keys in DIR: secure-cookie-key, launcher.pem, launcher.pub (the three "
+        "options below override single files). [env: MUSTER_KEYS_DIR]",
+    ),
+]
+CookieFileOpt = Annotated[
+    Path | None,
+    _path_opt(
+        "--secure-cookie-key-file",
+        "MUSTER_SECURE_COOKIE_KEY_FILE",
+        "The secure cookie key file (written 0600 from the cluster's if missing).",
+    ),
+]
+LauncherFileOpt = Annotated[
+    Path | None,
+    _path_opt("--launcher-key-file", "MUSTER_LAUNCHER_KEY_FILE", "The launcher private key (PEM)."),
+]
+LauncherPubFileOpt = Annotated[
+    Path | None,
+    _path_opt("--launcher-pub-file", "MUSTER_LAUNCHER_PUB_FILE", "The launcher public key (PEM)."),
+]
+
+
 def register(app: typer.Typer) -> None:
     """Adds ``muster agent`` to the ``muster`` command."""
     app.command(name="agent")(agent)
@@ -95,6 +131,10 @@ def agent(
     label: LabelOpt = None,
     state_dir: StateDirOpt = None,
     delete_node_on_exit: DeleteOpt = False,
+    keys_dir: KeysDirOpt = None,
+    secure_cookie_key_file: CookieFileOpt = None,
+    launcher_key_file: LauncherFileOpt = None,
+    launcher_pub_file: LauncherPubFileOpt = None,
     address: AddressOpt = None,
 ) -> None:
     """Run the node agent: join, heartbeat, serve the session socket; leave on SIGTERM or Ctrl+C.
@@ -104,6 +144,11 @@ def agent(
     It writes <state-dir>/node.json and serves <state-dir>/agent.sock, on which the application
     reports sessions (one JSON object per line: {"op": "session_started", "session": "s1"},
     {"op": "session_ended", "session": "s1"}, {"op": "status"}).
+
+    With --keys-dir (or the three key file options) the agent also manages the node's keys: the
+    first node defines the cluster's (uploading its files, or receiving generated ones), later
+    nodes are checked by fingerprint (a node whose keys differ is refused: the agent says why
+    and exits 1) or receive the cluster's, and rotations are followed without a restart.
     """
     from muster.client import AgentConfig
 
@@ -117,10 +162,22 @@ def agent(
             labels=labels,
             state_dir=Path(state_dir) if state_dir is not None else default_state_dir(),
             delete_node_on_exit=delete_node_on_exit,
+            key_paths=_key_paths(keys_dir, secure_cookie_key_file, launcher_key_file, launcher_pub_file),
         )
     except ValueError as exc:
         raise _fail(str(exc), 2) from None
     raise typer.Exit(_run(config))
+
+
+def _key_paths(directory: Path | None, cookie: Path | None, launcher: Path | None, pub: Path | None) -> object:
+    """The key files to manage: --keys-dir's standard names, overridden file by file; None without any."""
+    from muster.client.keyfiles import KeyPaths
+
+    given = [p for p in (cookie, launcher, pub) if p is not None]
+    if directory is None and not given:
+        return None
+    base = KeyPaths.in_dir(directory if directory is not None else given[0].parent)
+    return KeyPaths(cookie or base.secure_cookie_key, launcher or base.launcher_key, pub or base.launcher_pub)
 
 
 def _env_labels() -> list[str]:

@@ -141,7 +141,8 @@ def up(
         settings = settings.model_copy(update={"master_key_file": path})
     embedded = None
     if settings.database_url is not None:
-        dsn, shown = settings.database_url.get_secret_value(), _mask(settings.database_url.get_secret_value())
+        dsn = _dsn(config, settings)
+        shown = _mask(dsn)
     else:
         from muster.core.embedded import EmbeddedPostgres
 
@@ -166,7 +167,13 @@ def up(
 
 @app.command()
 def serve(
-    service: Annotated[str, typer.Argument(help="registry or locks (keys and balancer come later).")],
+    service: Annotated[
+        str,
+        typer.Argument(
+            metavar="SERVICE[,SERVICE…]",
+            help="registry, locks or keys; several comma-separated run in one process (registry,keys).",
+        ),
+    ],
     listen: ListenOpt = None,
     config_file: ConfigOpt = None,
     heartbeat_interval: HeartbeatOpt = None,
@@ -179,9 +186,12 @@ def serve(
     tls_key_file: TlsKeyOpt = None,
     tls_client_ca_file: TlsClientCaOpt = None,
 ) -> None:
-    """Run one service in this process against MUSTER_DATABASE_URL (any number of replicas may run)."""
-    if service not in SERVICES:
-        typer.echo(f"muster: unknown service {service!r}; choose from {', '.join(SERVICES)}", err=True)
+    """Run a service in this process against MUSTER_DATABASE_URL (any number of replicas may run)."""
+    names = [n.strip() for n in service.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SERVICES]
+    if unknown or not names or len(set(names)) != len(names):
+        bad = ", ".join(unknown) or service
+        typer.echo(f"muster: unknown or repeated service {bad!r}; choose from {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
     uvloop, config, server = _server_imports()
     settings = _settings(
@@ -206,9 +216,9 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
-    dsn = settings.database_url.get_secret_value()
+    dsn = _dsn(config, settings)
     try:
-        uvloop.run(server.serve(settings, dsn, [service], on_ready=_ready(service, _mask(dsn))))
+        uvloop.run(server.serve(settings, dsn, names, on_ready=_ready(", ".join(names), _mask(dsn))))
     except (TimeoutError, RuntimeError, OSError) as exc:
         typer.echo(f"muster: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -223,7 +233,7 @@ def migrate(config_file: ConfigOpt = None) -> None:
     if settings.database_url is None:
         typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… to migrate", err=True)
         raise typer.Exit(2)
-    dsn = settings.database_url.get_secret_value()
+    dsn = _dsn(config, settings)
     try:
         applied = uvloop.run(server.run_migrations(dsn, list(SERVICES), wait=settings.database_wait.total_seconds()))
     except (TimeoutError, OSError) as exc:
@@ -234,6 +244,17 @@ def migrate(config_file: ConfigOpt = None) -> None:
             print(f"applied {m.component} {m.version:04d}_{m.name}")
     else:
         print("database is up to date")
+
+
+def _dsn(config: Any, settings: Any) -> str:
+    """The database URL to connect with (an encrypted password decrypted); exit 2 with the fix otherwise."""
+    try:
+        dsn = config.database_dsn(settings)
+    except ValueError as exc:
+        typer.echo(f"muster: {exc}", err=True)
+        raise typer.Exit(2) from None
+    assert dsn is not None
+    return str(dsn)
 
 
 def _check_security(settings: Any) -> None:

@@ -104,7 +104,9 @@ def node_json(node: Node) -> dict[str, Any]:
 
     ``status`` is the stored state (``ONLINE``, ``OFFLINE``, ``INVALID_LICENSE``, …), ``health``
     ``OK`` or ``MISSED_CHECK_IN``, ``mode`` ``ACTIVE`` or ``DRAINING``, ``last_seen`` ISO-8601 in
-    UTC (null if never), ``reason`` why it is in its state (``LEFT``, ``LEASE_EXPIRED``; "" if none).
+    UTC (null if never), ``reason`` why it is in its state (``LEFT``, ``LEASE_EXPIRED``; "" if none);
+    for a refused node, ``message`` says what is wrong and ``details`` holds ``node_fingerprint``,
+    ``cluster_fingerprint``, ``path``, ``mode`` and ``fix`` (whichever apply).
     """
     return {
         "id": node.id,
@@ -124,6 +126,8 @@ def node_json(node: Node) -> dict[str, Any]:
             "cpu_count": node.load.cpu_count,
         },
         "sessions": node.load.session_count,
+        "message": node.state_message,
+        "details": dict(node.state_details),
     }
 
 
@@ -428,6 +432,12 @@ def node_status(
         ("Load", f"{load.load1:.2f} {load.load5:.2f} {load.load15:.2f} ({load.cpu_count} CPUs)"),
         ("Sessions", str(status.session_count)),
     ]
+    if node.state_message:
+        fields.insert(1, ("Why", node.state_message))
+    labels = {"node_fingerprint": "Holds", "cluster_fingerprint": "Expected", "path": "File", "mode": "Mode found"}
+    fields[2:2] = [(labels[k], node.state_details[k]) for k in labels if node.state_details.get(k)]
+    if node.state_details.get("fix"):
+        fields.insert(2 + sum(1 for k in labels if node.state_details.get(k)), ("Fix", node.state_details["fix"]))
     lines = [f"Node {node.id}  {node.address}"] + [f"  {name:<10} {value}" for name, value in fields]
     lines += ["", f"Online nodes: {len(status.online_nodes)}"]
     _out("\n".join(lines) + "\n")
@@ -463,8 +473,25 @@ def reset_cluster(
             raise fail("reset cancelled; nothing was changed")
 
     async def body() -> Any:
+        import grpc
+
+        from muster.client.errors import MusterError
+
         async with _connect(address) as cluster:
-            return await cluster.reset_cluster()
+            result = await cluster.reset_cluster()
+            try:
+                await cluster.reset_keys()
+            except MusterError as exc:
+                if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                    return result  # no keys service behind this address: no keys to reset
+                if exc.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                print(
+                    f"muster: warning: the nodes were removed but the keys were not ({exc.code.name}: the keys "
+                    "service did not answer); run `muster reset-cluster` again once it runs",
+                    file=sys.stderr,
+                )
+            return result
 
     cluster_info, removed = _run(body())
     if json:

@@ -29,15 +29,19 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from muster.client import keyfiles
 from muster.client._address import ResolvedAddress, resolve_node_address
 from muster.client._cluster import Cluster
 from muster.client._config import ClientConfig, default_address, split_addresses
-from muster.client._models import Lease, Load, Node
+from muster.client._keys import KeySync
+from muster.client._models import Event, Lease, Load, Node, Resync
 from muster.client._watch import ClusterView, NodeChange
 from muster.client.errors import (
     AbortedError,
     DeadlineExceededError,
     InternalError,
+    KeysNotDefinedError,
+    KeyVersionNotFoundError,
     LeaseExpiredError,
     MusterError,
     NodeNotFoundError,
@@ -53,6 +57,10 @@ AGENT_SOCKET = "agent.sock"
 MAX_REQUEST_BYTES = 64 * 1024
 # Errors that say "the control plane cannot answer right now": the agent waits and tries again.
 _TRANSIENT = (UnavailableError, DeadlineExceededError, ResourceExhaustedError, AbortedError, InternalError)
+KEY_EVENT_KINDS = tuple(
+    "muster.api.keys.v1." + k
+    for k in ("KeysDefined", "KeyVersionAdded", "KeyVersionPromoted", "KeyVersionRetired", "KeysReset")
+)
 _SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -90,6 +98,11 @@ class AgentConfig:
         leave_timeout: how long a clean stop may try to leave before giving up (the node then
             expires after its lease).
         serve_socket: serve ``<state_dir>/agent.sock`` (default True).
+        key_paths: the node's key files (secure cookie key, launcher private and public key); None:
+            the agent does not manage keys. When set, the join carries their fingerprints (a node
+            whose keys differ is refused), a node without them receives the cluster's, and key
+            rotations are followed: new versions written beside the files and acknowledged, the
+            files replaced on promotion, retired copies removed.
     """
 
     addresses: tuple[str, ...] = field(default_factory=_default_addresses)
@@ -101,6 +114,7 @@ class AgentConfig:
     delete_node_on_exit: bool = False
     leave_timeout: timedelta = timedelta(seconds=5)
     serve_socket: bool = True
+    key_paths: keyfiles.KeyPaths | None = None
 
     def __post_init__(self) -> None:
         addresses: str | Sequence[str] = self.addresses
@@ -190,6 +204,7 @@ class Agent:
         self._socket_inode: int | None = None
         self._clients: set[asyncio.StreamWriter] = set()
         self.rejoins = 0
+        self._keys: KeySync | None = None
 
     # -- what the application sees -------------------------------------------------------------
 
@@ -290,6 +305,11 @@ class Agent:
             "view_state": view.state.value if view is not None else None,
             "view_revision": view.revision if view is not None else 0,
             "nodes": [_node_summary(n) for n in nodes],
+            "keys": (
+                {"active_version": self._keys.active_version, "action": self._keys.action}
+                if self._keys is not None
+                else None
+            ),
         }
 
     async def wait_joined(self) -> Lease:
@@ -396,20 +416,93 @@ class Agent:
 
     async def _main(self, cluster: Cluster) -> None:
         await self._join(cluster)
+        # Heartbeats start at once; the keys are synced alongside (fetching may take a moment).
+        lease = asyncio.create_task(self._keep_lease(cluster), name="muster-agent-lease")
         viewer = asyncio.create_task(self._follow_view(cluster), name="muster-agent-view")
+        watched = {lease}
+        if self.config.key_paths is not None:
+            watched.add(asyncio.create_task(self._manage_keys(cluster), name="muster-agent-keys"))
         try:
-            await self._keep_lease(cluster)
+            # These end only by failing (a refusal, a replaced agent).
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
         finally:
-            viewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await viewer
+            for t in (*watched, viewer):
+                t.cancel()
+            for t in (*watched, viewer):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
 
-    async def _join(self, cluster: Cluster, cause: MusterError | None = None) -> Lease:
+    # -- keys ----------------------------------------------------------------------------------
+
+    async def _head_revision(self, cluster: Cluster) -> int:
+        attempt = 0
+        while True:
+            try:
+                return (await cluster.get_cluster()).head_revision
+            except _TRANSIENT as exc:
+                self._failing(exc)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+
+    async def _sync_keys(self, cluster: Cluster) -> KeySync:
+        """Brings the key files in line with the cluster's versions, riding out an unreachable control
+        plane. A refusal (the files differ, or cannot be used) is recorded on the node by joining
+        again with the key check, and stops the agent."""
+        paths, lease = self.config.key_paths, self._lease
+        assert paths is not None and lease is not None
+        attempt = 0
+        while True:
+            try:
+                done = await cluster.sync_keys(lease.node_id, paths)
+            except _TRANSIENT as exc:
+                self._failing(exc)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            except (KeyVersionNotFoundError, KeysNotDefinedError) as exc:
+                # A version retired or the keys reset while we looked: look again.
+                log.info("keys changed while syncing (%s); syncing again", exc.reason, extra={"event": "agent_keys"})
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+                continue
+            except MusterError as exc:
+                log.error("the node's keys are refused: %s", exc, extra={"event": "agent_failed"})
+                with contextlib.suppress(MusterError):
+                    await self._join(cluster, refused=True)  # records the refusal on the node
+                raise
+            break
+        self._keys = done
+        if done.changed:
+            log.info(
+                "keys %s: active version %s%s%s%s",
+                done.action,
+                done.active_version,
+                f", installed {', '.join(map(str, done.installed))}" if done.installed else "",
+                f", promoted {done.promoted}" if done.promoted else "",
+                f", retired {', '.join(map(str, done.retired))}" if done.retired else "",
+                extra={"event": "agent_keys", "node": lease.node_id, "version": done.active_version},
+            )
+        return done
+
+    async def _manage_keys(self, cluster: Cluster) -> None:
+        """Syncs the key files now, then on every key event and after a resync (history compacted away)."""
+        start_revision = await self._head_revision(cluster)  # before the sync: no event falls in between
+        await self._sync_keys(cluster)
+        async with cluster.watch(start_revision, kinds=KEY_EVENT_KINDS) as stream:
+            async for item in stream:
+                if isinstance(item, Event | Resync):
+                    await self._sync_keys(cluster)
+
+    async def _join(self, cluster: Cluster, cause: MusterError | None = None, *, refused: bool = False) -> Lease:
         resolved = self._resolved
         assert resolved is not None
         request_id = uuid.uuid4().hex  # one per join, so that our own retries do not act twice
         attempt = 0
         while True:
+            paths = self.config.key_paths
+            local = await asyncio.to_thread(keyfiles.check, paths) if paths is not None else None
             try:
                 lease = await cluster.join_node(
                     resolved.host,
@@ -418,6 +511,7 @@ class Agent:
                     labels=dict(self.config.labels),
                     load=self._load(),
                     request_id=request_id,
+                    keys=local,
                 )
             except _TRANSIENT as exc:
                 self._failing(exc)
@@ -425,9 +519,12 @@ class Agent:
                 attempt += 1
                 continue
             except MusterError as exc:
-                log.error("the control plane refused the node: %s", exc, extra={"event": "agent_failed"})
+                if not refused:
+                    log.error("the control plane refused the node: %s", exc, extra={"event": "agent_failed"})
                 raise
             break
+        if refused:
+            return lease  # the key check passed this time (a reset); the caller stops anyway
         previous, self._lease = self._lease, lease
         self._recovered()
         self._phase = "running"

@@ -12,35 +12,26 @@ import grpc
 from muster.client._config import ClientConfig
 
 
-class _TokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds ``authorization: Bearer <token>`` to every call (TLS or not)."""
+class _Authorized:
+    """A stub whose every call carries ``authorization: Bearer <token>`` (TLS or not).
 
-    def __init__(self, token: str) -> None:
+    Passed as call metadata rather than by a client interceptor: grpc.aio (1.85) drops the metadata
+    an interceptor adds to response-streaming calls (WatchEvents, KeepAlive, Session went out
+    without the token).
+    """
+
+    def __init__(self, stub: Any, token: str) -> None:
+        self._stub = stub
         self._header = ("authorization", f"Bearer {token}")
 
-    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata.add(*self._header)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._stub, name)
+        header = self._header
 
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        def call(*args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+            return method(*args, metadata=(*(metadata or ()), header), **kwargs)
 
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
-
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return call
 
 
 def _options(config: ClientConfig) -> list[tuple[str, Any]]:
@@ -56,15 +47,14 @@ def _options(config: ClientConfig) -> list[tuple[str, Any]]:
 
 def open_channel(address: str, config: ClientConfig) -> grpc.aio.Channel:
     """A channel to one replica."""
-    interceptors = [_TokenInterceptor(config.token)] if config.token else None
     if config.tls:
         creds = grpc.ssl_channel_credentials(
             root_certificates=config.root_certificates,
             private_key=config.client_key,
             certificate_chain=config.client_certificate,
         )
-        return grpc.aio.secure_channel(address, creds, options=_options(config), interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, options=_options(config), interceptors=interceptors)
+        return grpc.aio.secure_channel(address, creds, options=_options(config))
+    return grpc.aio.insecure_channel(address, options=_options(config))
 
 
 class Endpoint:
@@ -94,7 +84,8 @@ class Endpoint:
         address = self.address
         if address not in self._stubs:
             self._channels[address] = open_channel(address, self._config)
-            self._stubs[address] = self._factory(self._channels[address])
+            stub = self._factory(self._channels[address])
+            self._stubs[address] = _Authorized(stub, self._config.token) if self._config.token else stub
         return self._stubs[address]
 
     def fail_over(self) -> None:

@@ -12,8 +12,9 @@ import grpc
 
 from muster.api.keys.v1 import keys_service_pb2_grpc
 from muster.api.locks.v1 import locks_service_pb2_grpc
+from muster.api.registry.v1 import node_pb2, registry_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.api.registry.v1 import registry_service_pb2_grpc
+from muster.client import keyfiles
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
 from muster.client._keys import KeysApi
@@ -126,13 +127,20 @@ class Cluster(LocksApi, KeysApi):
         load: Load | None = None,
         request_id: str | None = None,
         wait_for_revision: bool = False,
+        keys: keyfiles.LocalKeys | None = None,
     ) -> Lease:
         """Joins a node (or re-joins it: same address, same id, a new lease).
 
-        Retried safely: the request carries an id the server deduplicates.
+        Retried safely: the request carries an id the server deduplicates. With ``keys`` (what
+        :func:`muster.client.keyfiles.check` found) the registry has the node's key fingerprints
+        checked — never the keys themselves — and a node whose keys differ, or whose key files
+        cannot be used, is stored in its INVALID_* state and refused.
 
         Raises:
             NodeLimitReachedError: the cluster's node limit is reached (the node is stored as INVALID_LICENSE).
+            InvalidSecureCookieKeyError, InvalidLauncherKeyError, InvalidKeyPermissionsError,
+                LauncherKeyUnreadableError: refused for its keys (``metadata`` has the fingerprints,
+                path, mode and ``fix``).
             InvalidArgumentError: a bad host, port, label or load.
         """
         req = pb.JoinNodeRequest(
@@ -145,6 +153,8 @@ class Cluster(LocksApi, KeysApi):
         )
         if load is not None:
             req.load.CopyFrom(load.to_proto())
+        if keys is not None:
+            req.key_check.CopyFrom(_key_check(keys))
         resp = await self._registry_call("JoinNode", req)
         return Lease(
             Node.from_proto(resp.node),
@@ -421,3 +431,20 @@ async def _status_error(call: Any) -> grpc.RpcError:
 
 
 _ = Callable, Awaitable  # re-exported types for annotations
+
+
+def _key_check(keys: keyfiles.LocalKeys) -> node_pb2.NodeKeyCheck:
+    msg = node_pb2.NodeKeyCheck(
+        secure_cookie_key_fingerprint=keys.cookie_fingerprint, launcher_key_fingerprint=keys.launcher_fingerprint
+    )
+    if keys.problems:
+        p = keys.problems[0]
+        msg.problem.CopyFrom(
+            node_pb2.KeyFileProblem(
+                state=node_pb2.Node.State.Value("STATE_" + p.reason),
+                path=str(p.path),
+                mode=p.mode or 0,
+                message=p.message[:1024],
+            )
+        )
+    return msg

@@ -16,6 +16,17 @@ def default_address() -> str:
     return os.environ.get("MUSTER_ADDRESS") or DEFAULT_ADDRESS
 
 
+def default_service_addresses() -> dict[str, tuple[str, ...]]:
+    """Per-service replicas from ``MUSTER_REGISTRY_ADDRESS``, ``MUSTER_KEYS_ADDRESS``, ``MUSTER_BALANCER_ADDRESS``
+    and ``MUSTER_LOCKS_ADDRESS`` (each ``host:port``, comma-separated for replicas)."""
+    out = {}
+    for name in SERVICES:
+        value = os.environ.get(f"MUSTER_{name.upper()}_ADDRESS", "").strip()
+        if value:
+            out[name] = split_addresses(value)
+    return out
+
+
 def default_token() -> str | None:
     """The token to send: ``MUSTER_TOKEN``, else ``MUSTER_ADMIN_TOKEN``, else ``MUSTER_NODE_TOKEN``, else None.
 
@@ -71,7 +82,8 @@ class ClientConfig:
 
     Attributes:
         addresses: the replicas of every service (``host:port``), tried in turn on failure.
-        service_addresses: per-service replicas overriding ``addresses`` (keys ``registry``, …).
+        service_addresses: per-service replicas overriding ``addresses`` (keys ``registry``, …; default
+            from ``MUSTER_REGISTRY_ADDRESS``, ``MUSTER_KEYS_ADDRESS``, … when set).
         deadline: per-call deadline (default 10 s, the reference timeout).
         max_attempts: attempts for a retryable call (idempotent calls only).
         backoff_initial, backoff_max: jittered exponential backoff between attempts and reconnects.
@@ -86,7 +98,7 @@ class ClientConfig:
     """
 
     addresses: tuple[str, ...] = (DEFAULT_ADDRESS,)
-    service_addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    service_addresses: Mapping[str, tuple[str, ...]] = field(default_factory=default_service_addresses)
     deadline: timedelta = timedelta(seconds=10)
     max_attempts: int = 5
     backoff_initial: timedelta = timedelta(milliseconds=100)

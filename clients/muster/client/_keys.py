@@ -154,11 +154,29 @@ class KeyStatus:
 
 @dataclass(frozen=True, slots=True)
 class NodeKeysResult:
-    """What :meth:`KeysApi.ensure_keys` did: ``action`` is matched, uploaded, defined or fetched."""
+    """What :meth:`KeysApi.ensure_keys` did: ``action`` is matched, uploaded, defined or fetched;
+    ``versions`` are the cluster's accepted versions (PENDING, ACTIVE, RETIRING) as it saw them."""
 
     action: str
     version: int
     fingerprints: KeyFingerprints
+    versions: tuple[KeyVersion, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class KeySync:
+    """What :meth:`KeysApi.sync_keys` did to a node's key files."""
+
+    action: str  # of ensure_keys: matched, uploaded, defined, fetched
+    active_version: int
+    installed: tuple[int, ...] = ()  # PENDING versions written beside the files and acknowledged
+    promoted: int = 0  # the version the files were replaced with (0: none)
+    retired: tuple[int, ...] = ()  # versions whose copies were removed
+
+    @property
+    def changed(self) -> bool:
+        """Whether any file was written or removed."""
+        return bool(self.installed or self.promoted or self.retired or self.action in ("fetched", "defined"))
 
 
 class LocalKeyFileError(MusterError):
@@ -344,5 +362,63 @@ class KeysApi:
                     promote=True,
                 )
             await self.ack_key_version(node_id, keys.version, keys.fingerprints)
-            return NodeKeysResult("defined" if action == "defined" else "fetched", keys.version, keys.fingerprints)
-        return NodeKeysResult(action, result.matched_version, held)
+            return NodeKeysResult(
+                "defined" if action == "defined" else "fetched", keys.version, keys.fingerprints, result.versions
+            )
+        return NodeKeysResult(action, result.matched_version, held, result.versions)
+
+    async def sync_keys(self, node_id: int, paths: keyfiles.KeyPaths) -> KeySync:
+        """Brings a node's key files in line with the cluster's versions (the agent calls it at start,
+        on every key event and after a resync).
+
+        :meth:`ensure_keys` first (check, verify, upload or fetch); then each PENDING version not
+        yet held is fetched, written as ``<file>.d/<version>`` and acknowledged; when the ACTIVE
+        version is not the one in the files, the files are replaced with it; copies of versions no
+        longer accepted (retired) are removed.
+
+        Raises:
+            LocalKeyFileError, InvalidSecureCookieKeyError, InvalidLauncherKeyError: as ensure_keys.
+        """
+        import asyncio
+
+        base = await self.ensure_keys(node_id, paths)
+        installed: list[int] = []
+        promoted = 0
+        accepted = {v.version for v in base.versions}
+        for v in sorted(base.versions, key=lambda v: v.version):
+            held_copy = keyfiles.version_path(paths.secure_cookie_key, v.version).exists()
+            if v.state == "PENDING":
+                if not held_copy:
+                    await self._install(node_id, paths, v.version, promote=False)
+                    installed.append(v.version)
+                await self.ack_key_version(node_id, v.version, v.fingerprints)
+            elif v.state == "ACTIVE":
+                current = await asyncio.to_thread(keyfiles.check, paths)
+                if current.cookie_fingerprint == v.fingerprints.secure_cookie_key:
+                    continue
+                if held_copy:
+                    await asyncio.to_thread(keyfiles.promote_version, paths, v.version)
+                else:
+                    await self._install(node_id, paths, v.version, promote=True)
+                promoted = v.version
+                await self.ack_key_version(node_id, v.version, v.fingerprints)
+        retired = [n for n in keyfiles.held_versions(paths) if n not in accepted]
+        for n in retired:
+            await asyncio.to_thread(keyfiles.retire_version, paths, n)
+        active = next((v.version for v in base.versions if v.state == "ACTIVE"), base.version)
+        return KeySync(base.action, active, tuple(installed), promoted, tuple(retired))
+
+    async def _install(self, node_id: int, paths: keyfiles.KeyPaths, version: int, *, promote: bool) -> None:
+        """Fetches a version and writes it beside the files (and over them when ``promote``)."""
+        import asyncio
+
+        m = await self.fetch_keys(node_id, version=version)
+        await asyncio.to_thread(
+            keyfiles.install_keys,
+            paths,
+            version=m.version,
+            secure_cookie_key=m.secure_cookie_key,
+            launcher_private_pem=m.launcher_private_key_pem,
+            launcher_public_pem=m.launcher_public_key_pem,
+            promote=promote,
+        )

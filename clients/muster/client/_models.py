@@ -93,6 +93,8 @@ class Node:
     last_seen_time: datetime | None = None
     lease_expire_time: datetime | None = None
     load: Load = field(default_factory=Load)
+    state_message: str = ""
+    state_details: dict[str, str] = field(default_factory=dict)
 
     @property
     def status(self) -> str:
@@ -120,6 +122,8 @@ class Node:
             last_seen_time=_time(msg.last_seen_time),
             lease_expire_time=_time(msg.lease_expire_time),
             load=Load.from_proto(msg.load),
+            state_message=msg.state_message,
+            state_details=dict(msg.state_details),
         )
 
 

@@ -328,6 +328,16 @@ def retire_version(paths: KeyPaths, version: int) -> None:
             _fsync_dir(vp.parent)
 
 
+def held_versions(paths: KeyPaths) -> list[int]:
+    """The versions whose copies are kept beside the key files (``<file>.d/<version>``), ascending."""
+    found: set[int] = set()
+    for path in paths.all():
+        d = path.parent / (path.name + ".d")
+        if d.is_dir():
+            found.update(int(e.name) for e in d.iterdir() if e.name.isdigit())
+    return sorted(found)
+
+
 def generate_keys(directory: Path, *, overwrite: bool = False) -> KeyPaths:
     """Writes a fresh cookie key (32 random bytes) and RSA-2048 launcher pair in ``directory``, mode 0600.
 

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(
         None, description="postgresql://… ; unset: the embedded PostgreSQL in the data directory."
     )
+    database_password: SecretStr | None = Field(
+        None,
+        description="The database password, overriding database_url's; may be encrypted (muster encrypt-password).",
+    )
+    secure_cookie_key_file: Path | None = Field(
+        None, description="The cookie key file that decrypts an encrypted database password (and its .d/ versions)."
+    )
     listen: str = Field(DEFAULT_LISTEN, description="host:port to serve gRPC on (port 0: any free port).")
     data_dir: Path = Field(default_factory=default_data_dir, description="Where the embedded database lives.")
     heartbeat_interval: timedelta = Field(timedelta(seconds=5), description="How often nodes heartbeat.")
@@ -101,6 +108,14 @@ class Settings(BaseSettings):
     tls_client_ca_file: Path | None = Field(None, description="PEM CA of client certificates: require mTLS.")
     allow_unauthenticated: bool = Field(
         False, description="Run without tokens or mTLS on a non-loopback address (behind a mesh that authenticates)."
+    )
+
+    # The registry's calls to the keys service (to check joining nodes' key fingerprints).
+    keys_address: str | None = Field(
+        None, description="host:port of the keys service, when it does not run in the registry's process."
+    )
+    keys_tls_ca_file: Path | None = Field(
+        None, description="PEM CA of the keys service's certificate: call it over TLS."
     )
 
     # The keys service (muster.keys): the master key that seals keys at rest, and the rotation grace.
@@ -178,6 +193,53 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _TomlSource(settings_cls, Path(path) if path else None)
 
 
+def database_dsn(settings: Settings) -> str | None:
+    """``database_url`` with ``database_password`` in it, an encrypted password decrypted.
+
+    A password (in ``database_password`` or in the URL) written ``muster:v1:<fingerprint>:<data>``
+    (``muster encrypt-password``) is decrypted with ``secure_cookie_key_file`` or one of its
+    ``<file>.d/`` versions.
+
+    Raises:
+        ValueError: an encrypted password without a key file that decrypts it (the message says
+            what to set; it never carries the password).
+    """
+    if settings.database_url is None:
+        return None
+    from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+    url = settings.database_url.get_secret_value()
+    parts = urlsplit(url)
+    password = (
+        settings.database_password.get_secret_value()
+        if settings.database_password is not None
+        else unquote(parts.password or "")
+    )
+    from muster.client import keyfiles
+
+    if password.startswith(keyfiles.PASSWORD_PREFIX):
+        if settings.secure_cookie_key_file is None:
+            raise ValueError(
+                "the database password is encrypted (muster encrypt-password): set MUSTER_SECURE_COOKIE_KEY_FILE "
+                "to the cookie key file it was encrypted with"
+            )
+        try:
+            password = keyfiles.decrypt_password(password, settings.secure_cookie_key_file)
+        except ValueError as exc:
+            raise ValueError(
+                f"cannot decrypt the database password with {settings.secure_cookie_key_file}: {exc}; encrypt it "
+                "again with `muster encrypt-password`"
+            ) from None
+    elif settings.database_password is None:
+        return url
+    user = quote(unquote(parts.username or ""), safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def load_settings(**flags: Any) -> Settings:
     """Builds the settings from flags (``None`` means "not given"), the environment and the TOML file.
 
@@ -191,7 +253,22 @@ def load_settings(**flags: Any) -> Settings:
         # The agent's and the commands' variables (read by muster.client, not the server).
         *(
             ENV_PREFIX + n
-            for n in ("HOST_NAME", "LISTEN_ADDRESS", "PORT", "LABELS", "STATE_DIR", "DELETE_NODE_ON_EXIT", "TOKEN")
+            for n in (
+                "HOST_NAME",
+                "LISTEN_ADDRESS",
+                "PORT",
+                "LABELS",
+                "STATE_DIR",
+                "DELETE_NODE_ON_EXIT",
+                "TOKEN",
+                "KEYS_DIR",
+                "SECURE_COOKIE_KEY_FILE",
+                "LAUNCHER_KEY_FILE",
+                "LAUNCHER_PUB_FILE",
+                "REGISTRY_ADDRESS",
+                "LOCKS_ADDRESS",
+                "BALANCER_ADDRESS",
+            )
         ),
         *(ENV_PREFIX + n for n in ("TLS", "TLS_CA_FILE", "TLS_CLIENT_CERT_FILE", "TLS_CLIENT_KEY_FILE")),
     }

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from muster.core import auth, clock, db, events, migrate
+from muster.core import auth, clock, db, events, migrate, telemetry
 from muster.core.config import Settings
 from muster.core.watch import Streams
 
@@ -59,6 +59,7 @@ class Runtime:
     health: health.aio.HealthServicer
     security: auth.Security | None = None  # tokens and TLS; ``call_metadata()`` for calls to other services
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    components: dict[str, Any] = field(default_factory=dict)  # the components in this process, by name
 
     def spawn(self, coro: Any, name: str) -> None:
         """Starts a background task that shutdown cancels."""
@@ -159,14 +160,21 @@ async def serve(
     *,
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    tracing: telemetry.Tracing | None = None,
 ) -> None:
     """Runs the given components in this process until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Tracing follows the ``OTEL_*`` variables (see :mod:`muster.core.telemetry`) unless ``tracing``
+    is given (tests pass one with an in-memory exporter; the caller then shuts it down).
 
     Raises:
         auth.AuthConfigError: the authentication or TLS settings are unusable (before anything starts).
     """
     security = auth.load_security(settings)
     classes = [load_component(c) for c in components]
+    own_tracing = tracing is None
+    if tracing is None:
+        tracing = telemetry.setup_tracing("muster-" + "-".join(components))
     applied = await run_migrations(dsn, components, wait=settings.database_wait.total_seconds())
     if applied:
         log.info("applied %d migrations", len(applied), extra={"event": "migrated"})
@@ -179,8 +187,10 @@ async def serve(
     bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)
     health_servicer = health.aio.HealthServicer()
     runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer, security)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=security.interceptors())
+    interceptors = [*(tracing.server_interceptors() if tracing else []), *security.interceptors()]
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     instances = [cls(runtime) for cls in classes]
+    runtime.components.update(zip(components, instances, strict=True))
     names: list[str] = []
     for inst in instances:
         names += inst.mount(server)
@@ -218,6 +228,8 @@ async def serve(
         await _shutdown(runtime, server, instances)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if own_tracing and tracing is not None:
+            tracing.shutdown()
 
 
 async def _shutdown(runtime: Runtime, server: grpc.aio.Server, instances: list[Any]) -> None:

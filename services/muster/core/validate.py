@@ -13,6 +13,7 @@ from typing import Any
 from muster.core.errors import InvalidArgumentError
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MAX_PAGE_SIZE = 10_000
 DEFAULT_PAGE_SIZE = 1_000
@@ -38,6 +39,13 @@ def host(field: str, value: str) -> str:
     ):
         raise InvalidArgumentError(field, f"{value[:80]!r} is neither a host name nor an IP address")
     return value.rstrip(".").lower()
+
+
+def fingerprint(field: str, value: str) -> str:
+    """A key fingerprint: empty, or 16 lowercase hex digits."""
+    if value and not _FINGERPRINT.match(value):
+        raise InvalidArgumentError(field, "must be empty or 16 lowercase hex digits (a fingerprint)")
+    return value
 
 
 def ipv4(field: str, value: str) -> str:

@@ -20,6 +20,8 @@ from muster.api.registry.v1 import node_pb2
 from muster.core import events
 from muster.core.server import Runtime
 from muster.keys import crypto
+from muster.keys.errors import CookieKeyMismatchError, LauncherKeyMismatchError
+from muster.keys.models import Fingerprints
 from muster.keys.servicer import KeysServicer
 from muster.keys.store import KeyStore
 
@@ -94,6 +96,27 @@ class KeysComponent:
 
     async def stop(self) -> None:
         """Nothing to stop beyond the runtime's tasks."""
+
+    async def active_version(self) -> int:
+        """The ACTIVE key version (0: none); for the registry's resync snapshots in this process."""
+        try:
+            return await self.store.active_version()
+        except Exception:  # noqa: BLE001 - a snapshot must not fail for want of it
+            return 0
+
+    async def check_fingerprints(
+        self, node_id: int, cookie: str, launcher: str
+    ) -> tuple[str, str, dict[str, str]] | None:
+        """The registry's in-process key check (``muster up``): VerifyKeys' verdict on a joining node.
+
+        Returns None when the keys match an accepted version (or the cluster has none yet), else
+        (reason, message, metadata) of the mismatch.
+        """
+        try:
+            await self.store.verify(node_id, Fingerprints(cookie, launcher))
+        except (CookieKeyMismatchError, LauncherKeyMismatchError) as exc:
+            return exc.reason, str(exc), dict(exc.metadata)
+        return None
 
     async def _sweep(self) -> None:
         while True:

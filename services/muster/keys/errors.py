@@ -10,6 +10,10 @@ DOMAIN = "muster.keys"
 FIX_MISMATCH = "remove the node's key files so that it receives the cluster's, or copy the cluster's key files to it"
 
 
+def _who(node_id: int) -> str:
+    return f"node {node_id}" if node_id else "the node"
+
+
 class CookieKeyMismatchError(FailedPreconditionError):
     """The node's secure cookie key is not an accepted version of the cluster's."""
 
@@ -19,7 +23,7 @@ class CookieKeyMismatchError(FailedPreconditionError):
         retired = metadata.get("node_version_state") == "RETIRED"
         held = f"retired version {metadata.get('node_version')}" if retired else "a key"
         super().__init__(
-            f"node {node_id} holds {held} as its secure cookie key (fingerprint {node_fingerprint}); "
+            f"{_who(node_id)} holds {held} as its secure cookie key (fingerprint {node_fingerprint}); "
             f"the cluster expects fingerprint {cluster_fingerprint}: {FIX_MISMATCH}",
             domain=DOMAIN,
             node=node_id,
@@ -39,7 +43,7 @@ class LauncherKeyMismatchError(FailedPreconditionError):
         retired = metadata.get("node_version_state") == "RETIRED"
         held = f"retired version {metadata.get('node_version')}" if retired else "a key"
         super().__init__(
-            f"node {node_id} holds {held} as its launcher key (fingerprint {node_fingerprint}); "
+            f"{_who(node_id)} holds {held} as its launcher key (fingerprint {node_fingerprint}); "
             f"the cluster expects fingerprint {cluster_fingerprint}: {FIX_MISMATCH}",
             domain=DOMAIN,
             node=node_id,

@@ -6,8 +6,6 @@ carry it (FetchKeys). Errors name fingerprints, versions and lengths only.
 
 from __future__ import annotations
 
-import re
-
 import grpc
 
 from muster.api.keys.v1 import key_pb2, keys_service_pb2_grpc
@@ -19,17 +17,16 @@ from muster.keys.errors import LauncherKeyUnreadableError
 from muster.keys.models import Fingerprints
 from muster.keys.store import KeyStore, version_to_proto
 
-_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 MAX_SECRET_CHARS = 4096
 MAX_VERSION = 2**31 - 1
 
 
 def fingerprints(field: str, msg: key_pb2.KeyFingerprints) -> Fingerprints:
     """Fingerprints as sent: each empty or 16 lowercase hex digits."""
-    for name, value in (("secure_cookie_key", msg.secure_cookie_key), ("launcher_key", msg.launcher_key)):
-        if value and not _FINGERPRINT.match(value):
-            raise InvalidArgumentError(f"{field}.{name}", "must be empty or 16 lowercase hex digits (a fingerprint)")
-    return Fingerprints(msg.secure_cookie_key, msg.launcher_key)
+    return Fingerprints(
+        validate.fingerprint(f"{field}.secure_cookie_key", msg.secure_cookie_key),
+        validate.fingerprint(f"{field}.launcher_key", msg.launcher_key),
+    )
 
 
 def cookie_key(field: str, value: bytes) -> bytes:

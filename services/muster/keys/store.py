@@ -269,6 +269,11 @@ class KeyStore:
 
     # -- definition and verification -------------------------------------------------------------
 
+    async def active_version(self) -> int:
+        """The ACTIVE version's number (0: none)."""
+        async with self._pool.acquire() as con:
+            return int(await con.fetchval("SELECT coalesce(max(version), 0) FROM keys.versions WHERE state = 2"))
+
     async def is_defined(self) -> bool:
         """Whether the cluster's keys are defined."""
         async with self._pool.acquire() as con:

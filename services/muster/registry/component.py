@@ -10,6 +10,7 @@ import grpc
 from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from muster.core.server import Runtime
 from muster.core.watch import WatchLimits
+from muster.registry import keycheck
 from muster.registry.heartbeats import HeartbeatBatcher
 from muster.registry.servicer import RegistryServicer
 from muster.registry.store import RegistryStore, Timing
@@ -41,10 +42,36 @@ class RegistryComponent:
         return [SERVICE_NAME]
 
     async def start(self) -> None:
+        self.servicer.key_checker = self._key_checker()
         self._runtime.spawn(self._reap(), "muster-reaper")
 
     async def stop(self) -> None:
         await self.batcher.close()
+        if self.servicer.key_checker is not None:
+            await self.servicer.key_checker.close()
+
+    def _key_checker(self) -> keycheck.KeyChecker | None:
+        """The keys service in this process, else at ``keys_address``, else none (and a warning)."""
+        rt, s = self._runtime, self._runtime.settings
+        keys = rt.components.get("keys")
+        if keys is not None:
+            return keycheck.LocalKeyChecker(keys)
+        if s.keys_address:
+            sec = rt.security
+            mtls = sec is not None and sec.tls and s.keys_tls_ca_file is not None
+            return keycheck.RemoteKeyChecker(
+                s.keys_address,
+                metadata=sec.call_metadata() if sec else [],
+                ca_file=s.keys_tls_ca_file,
+                cert_chain=sec.cert_chain if mtls and sec else None,
+                private_key=sec.private_key if mtls and sec else None,
+            )
+        log.warning(
+            "joining nodes' key fingerprints are not checked: the keys service does not run in this process; "
+            "set MUSTER_KEYS_ADDRESS",
+            extra={"event": "key_check_off"},
+        )
+        return None
 
     async def _reap(self) -> None:
         s = self._runtime.settings

@@ -34,6 +34,8 @@ def node_to_proto(node: Node) -> node_pb2.Node:
         labels=node.labels,
         lease_id=node.lease_id,
         load=load_to_proto(node.load),
+        state_message=node.state_message,
+        state_details=node.state_details,
     )
     msg.create_time.FromDatetime(node.create_time)
     msg.last_seen_time.FromDatetime(node.last_seen_time)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from muster.core.errors import AbortedError, FailedPreconditionError, NotFoundError
+from muster.registry.models import Refusal
 
 DOMAIN = "muster.registry"
 
@@ -59,6 +60,20 @@ class NodeLimitReachedError(FailedPreconditionError):
             node=node_id,
             max_nodes=max_nodes,
         )
+
+
+class NodeKeysRefusedError(FailedPreconditionError):
+    """A joining node's keys differ from the cluster's, or its key files cannot be used.
+
+    The reason is the node's state (INVALID_SECURE_COOKIE_KEY, INVALID_LAUNCHER_KEY,
+    INVALID_KEY_PERMISSIONS, ERROR_READING_LAUNCHER_KEY); the metadata names the fingerprints, the
+    file and mode found, and the command that fixes it.
+    """
+
+    def __init__(self, node_id: int, refusal: Refusal) -> None:
+        self.reason = refusal.state.name
+        details = {k: v for k, v in refusal.details.items() if k not in ("node", "domain")}
+        super().__init__(refusal.message, domain=DOMAIN, node=node_id, **details)
 
 
 class NodeHasSessionsError(FailedPreconditionError):

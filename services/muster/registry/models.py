@@ -41,6 +41,23 @@ class Health(enum.IntEnum):
 
 # States that count toward max_nodes: refused nodes do not.
 COUNTED_STATES = (State.STARTING, State.ONLINE)
+# The states of a node refused for its keys.
+KEY_REFUSAL_STATES = (
+    State.INVALID_SECURE_COOKIE_KEY,
+    State.INVALID_KEY_PERMISSIONS,
+    State.ERROR_READING_LAUNCHER_KEY,
+    State.INVALID_LAUNCHER_KEY,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a joining node is refused for its keys: its state, a message an operator can act on, and
+    the values the message names (node_fingerprint, cluster_fingerprint, path, mode, fix). No key bytes."""
+
+    state: State
+    message: str
+    details: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +69,10 @@ class Load:
     load15: float = 0.0
     cpu_count: int = 0
     session_count: int = 0
+
+
+def _json_dict(value: Any) -> dict[str, str]:
+    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,18 +94,19 @@ class Node:
     last_seen_time: datetime
     lease_expire_time: datetime
     load: Load = field(default_factory=Load)
+    state_message: str = ""
+    state_details: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: Any) -> Node:
         """From a ``registry.nodes`` row."""
-        labels = row["labels"]
         return cls(
             id=row["id"],
             address=row["address"],
             host=row["host"],
             port=row["port"],
             ipv4=row["ipv4"],
-            labels=json.loads(labels) if isinstance(labels, str) else dict(labels),
+            labels=_json_dict(row["labels"]),
             state=State(row["state"]),
             state_reason=row["state_reason"],
             mode=Mode(row["mode"]),
@@ -94,6 +116,8 @@ class Node:
             last_seen_time=row["last_seen_time"],
             lease_expire_time=row["lease_expire_time"],
             load=Load(row["load1"], row["load5"], row["load15"], row["cpu_count"], row["session_count"]),
+            state_message=row["state_message"],
+            state_details=_json_dict(row["state_details"]),
         )
 
 

@@ -12,7 +12,7 @@ from muster.core import validate
 from muster.core.errors import abort_with, translate, translate_errors
 from muster.core.events import EventBus
 from muster.core.watch import Streams, WatchLimits, run_watch
-from muster.registry import convert
+from muster.registry import convert, keycheck
 from muster.registry.heartbeats import HeartbeatBatcher
 from muster.registry.models import Load, Mode, format_address
 from muster.registry.store import RegistryStore
@@ -41,6 +41,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self._bus = bus
         self._limits = limits
         self._streams = streams
+        self.key_checker: keycheck.KeyChecker | None = None  # set by the component at start
 
     async def _revision(self, append_id: int, wanted: bool) -> int:
         return await self._store.revision_of(append_id) if wanted and append_id else 0
@@ -52,6 +53,11 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def JoinNode(self, request: pb.JoinNodeRequest, context: grpc.aio.ServicerContext) -> pb.JoinNodeResponse:
         host = validate.host("host", request.host)
         port = validate.port("port", request.port)
+        refusal = None
+        if request.HasField("key_check"):
+            cookie, launcher, refusal = keycheck.validate_key_check("key_check", request.key_check)
+            if refusal is None and (cookie or launcher) and self.key_checker is not None:
+                refusal = await self.key_checker.check(0, cookie, launcher)
         written = await self._store.join(
             host=host,
             port=port,
@@ -60,6 +66,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             labels=validate.labels("labels", request.labels),
             request_id=validate.request_id("request_id", request.request_id),
             load=_load("load", request.load),
+            refusal=refusal,
         )
         assert written.node is not None
         resp = pb.JoinNodeResponse(
@@ -213,4 +220,12 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     async def _resync(self, node_ids: frozenset[int]) -> pb.Resync:
         nodes, epoch, revision = await self._store.snapshot(node_ids)
-        return pb.Resync(revision=revision, nodes=[convert.node_to_proto(n) for n in nodes], cluster_epoch=epoch)
+        # The keys service's ACTIVE version, asked after the snapshot (another service's state: as
+        # of now, not of the snapshot's revision); 0 when it has none or cannot say.
+        active = await self.key_checker.active_version() if self.key_checker is not None else 0
+        return pb.Resync(
+            revision=revision,
+            nodes=[convert.node_to_proto(n) for n in nodes],
+            cluster_epoch=epoch,
+            active_key_version=active,
+        )

@@ -21,11 +21,22 @@ from muster.registry.errors import (
     LeaseExpiredError,
     NodeDeletingError,
     NodeHasSessionsError,
+    NodeKeysRefusedError,
     NodeLimitReachedError,
     NodeNotFoundError,
     StaleLeaseError,
 )
-from muster.registry.models import COUNTED_STATES, Cluster, Health, HeartbeatResult, Load, Mode, Node, State
+from muster.registry.models import (
+    COUNTED_STATES,
+    Cluster,
+    Health,
+    HeartbeatResult,
+    Load,
+    Mode,
+    Node,
+    Refusal,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +48,11 @@ COUNT_COUNTED = "SELECT count(*) FROM registry.nodes WHERE state = ANY($1::small
 UPSERT_NODE = """
 INSERT INTO registry.nodes AS n (
     address, host, port, ipv4, labels, state, state_reason, health, lease_id, join_request_id,
-    last_seen_time, check_in_deadline, lease_expire_time, load1, load5, load15, cpu_count, session_count
+    last_seen_time, check_in_deadline, lease_expire_time, load1, load5, load15, cpu_count, session_count,
+    state_message, state_details
 ) VALUES (
     $1, $2, $3, $4, $5::jsonb, $6, $7, $8, nextval('registry.lease_ids'), $9,
-    now(), now() + $10::interval, now() + $11::interval, $12, $13, $14, $15, $16
+    now(), now() + $10::interval, now() + $11::interval, $12, $13, $14, $15, $16, $17, $18::jsonb
 )
 ON CONFLICT (address) DO UPDATE SET
     host = EXCLUDED.host, port = EXCLUDED.port, ipv4 = EXCLUDED.ipv4, labels = EXCLUDED.labels,
@@ -48,7 +60,8 @@ ON CONFLICT (address) DO UPDATE SET
     lease_id = EXCLUDED.lease_id, join_request_id = EXCLUDED.join_request_id, state_time = now(),
     last_seen_time = now(), check_in_deadline = EXCLUDED.check_in_deadline,
     lease_expire_time = EXCLUDED.lease_expire_time, load1 = EXCLUDED.load1, load5 = EXCLUDED.load5,
-    load15 = EXCLUDED.load15, cpu_count = EXCLUDED.cpu_count, session_count = EXCLUDED.session_count
+    load15 = EXCLUDED.load15, cpu_count = EXCLUDED.cpu_count, session_count = EXCLUDED.session_count,
+    state_message = EXCLUDED.state_message, state_details = EXCLUDED.state_details
 RETURNING *
 """
 HEARTBEAT_BATCH = """
@@ -62,7 +75,8 @@ RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now
 """
 NODES_BY_IDS = "SELECT id, lease_id, state, state_reason FROM registry.nodes WHERE id = ANY($1::bigint[])"
 SET_STATE = """
-UPDATE registry.nodes SET state = $2, state_reason = $3, health = 0, state_time = now()
+UPDATE registry.nodes SET state = $2, state_reason = $3, health = 0, state_time = now(),
+    state_message = '', state_details = '{}'
 WHERE id = $1 RETURNING *
 """
 DELETE_NODE = "DELETE FROM registry.nodes WHERE id = $1 AND state = 4 RETURNING id, address"
@@ -198,11 +212,16 @@ class RegistryStore:
         labels: dict[str, str],
         request_id: str,
         load: Load,
+        refusal: Refusal | None = None,
     ) -> Written:
         """Joins (or re-joins, keeping the id) the node at ``address`` with a new lease.
 
+        A ``refusal`` (the node's keys differ from the cluster's, or its key files cannot be used)
+        commits the node in the refusal's INVALID_* state, with its message and details, and raises.
+
         Raises:
             NodeLimitReachedError: after committing the node as INVALID_LICENSE.
+            NodeKeysRefusedError: after committing the node in the refusal's state.
         """
         t = self.timing
 
@@ -221,7 +240,10 @@ class RegistryStore:
                 ):
                     return Written(Node.from_row(existing), 0), False  # a retried join: same lease
                 state, reason = State.ONLINE, "JOINED"
-                if t.max_nodes:
+                message, details = "", {}
+                if refusal is not None:
+                    state, reason, message, details = refusal.state, "KEYS_REFUSED", refusal.message, refusal.details
+                elif t.max_nodes:
                     counted = await con.fetchval(COUNT_COUNTED, [int(s) for s in COUNTED_STATES], address)
                     if counted >= t.max_nodes:
                         state, reason = State.INVALID_LICENSE, "NODE_LIMIT_REACHED"
@@ -243,6 +265,8 @@ class RegistryStore:
                     load.load15,
                     load.cpu_count,
                     load.session_count,
+                    message,
+                    json.dumps(details),
                 )
                 node = Node.from_row(row)
                 append_id = await events.append(
@@ -260,6 +284,8 @@ class RegistryStore:
                 written.node.state.name,
                 extra={"event": "node_joined", "node": written.node.id},
             )
+        if refused and refusal is not None:
+            raise NodeKeysRefusedError(written.node.id, refusal)
         if refused:
             raise NodeLimitReachedError(written.node.id, t.max_nodes)
         return written

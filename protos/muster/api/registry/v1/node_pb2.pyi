@@ -148,6 +148,26 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class StateDetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     HOST_FIELD_NUMBER: _builtins.int
@@ -163,6 +183,8 @@ class Node(_message.Message):
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    STATE_MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_DETAILS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Cluster-unique id, kept across re-joins from the same address."""
     address: _builtins.str
@@ -183,6 +205,10 @@ class Node(_message.Message):
     """Output only, derived."""
     lease_id: _builtins.int
     """The current incarnation; heartbeats must carry it."""
+    state_message: _builtins.str
+    """For a refused node (INVALID_*): what is wrong and what fixes it, in words an operator can act on.
+    Never carries key material.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels used for placement."""
@@ -203,6 +229,10 @@ class Node(_message.Message):
     def load(self) -> Global___Load:
         """The latest reported load."""
 
+    @_builtins.property
+    def state_details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """For a refused node: node_fingerprint, cluster_fingerprint, path, mode, fix — whichever apply."""
+
     def __init__(
         self,
         *,
@@ -221,14 +251,84 @@ class Node(_message.Message):
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         load: Global___Load | None = ...,
+        state_message: _builtins.str = ...,
+        state_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "health", b"health", "host", b"host", "id", b"id", "ipv4", b"ipv4", "labels", b"labels", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "load", b"load", "mode", b"mode", "port", b"port", "state", b"state", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "health", b"health", "host", b"host", "id", b"id", "ipv4", b"ipv4", "labels", b"labels", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "load", b"load", "mode", b"mode", "port", b"port", "state", b"state", "state_details", b"state_details", "state_message", b"state_message", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class NodeKeyCheck(_message.Message):
+    """What a node's agent found in its key files, sent with JoinNode so that the registry can have the
+    keys service check it (fingerprints only: key bytes never travel with a join).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECURE_COOKIE_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    LAUNCHER_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    secure_cookie_key_fingerprint: _builtins.str
+    """Fingerprint of the secure cookie key held (16 lowercase hex digits), empty when none."""
+    launcher_key_fingerprint: _builtins.str
+    """Fingerprint of the launcher key held, empty when none."""
+    @_builtins.property
+    def problem(self) -> Global___KeyFileProblem:
+        """A problem the agent found before it could read a key; the node is refused with its state."""
+
+    def __init__(
+        self,
+        *,
+        secure_cookie_key_fingerprint: _builtins.str = ...,
+        launcher_key_fingerprint: _builtins.str = ...,
+        problem: Global___KeyFileProblem | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["launcher_key_fingerprint", b"launcher_key_fingerprint", "problem", b"problem", "secure_cookie_key_fingerprint", b"secure_cookie_key_fingerprint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeKeyCheck: _TypeAlias = NodeKeyCheck  # noqa: Y015
+
+@_typing.final
+class KeyFileProblem(_message.Message):
+    """A key file that cannot be used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    state: Global___Node.State.ValueType
+    """INVALID_SECURE_COOKIE_KEY, INVALID_KEY_PERMISSIONS, ERROR_READING_LAUNCHER_KEY or INVALID_LAUNCHER_KEY."""
+    path: _builtins.str
+    """The file."""
+    mode: _builtins.int
+    """The file's permission bits as found (e.g. 0644), 0 when the problem is not its mode."""
+    message: _builtins.str
+    """What is wrong and how to fix it (up to 1024 characters)."""
+    def __init__(
+        self,
+        *,
+        state: Global___Node.State.ValueType = ...,
+        path: _builtins.str = ...,
+        mode: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "mode", b"mode", "path", b"path", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyFileProblem: _TypeAlias = KeyFileProblem  # noqa: Y015
 
 @_typing.final
 class Load(_message.Message):

@@ -55,6 +55,7 @@ class JoinNodeRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_FOR_REVISION_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
+    KEY_CHECK_FIELD_NUMBER: _builtins.int
     host: _builtins.str
     """Host name or IP literal the node is reached at; with `port` it forms the address."""
     port: _builtins.int
@@ -73,6 +74,13 @@ class JoinNodeRequest(_message.Message):
     def load(self) -> _node_pb2.Load:
         """The load at join time; optional."""
 
+    @_builtins.property
+    def key_check(self) -> _node_pb2.NodeKeyCheck:
+        """The node's key files as found by its agent; when set, the keys service checks the fingerprints
+        and a node whose keys differ (or whose files cannot be used) is committed in its INVALID_* state
+        and refused with FAILED_PRECONDITION.
+        """
+
     def __init__(
         self,
         *,
@@ -83,10 +91,11 @@ class JoinNodeRequest(_message.Message):
         request_id: _builtins.str = ...,
         wait_for_revision: _builtins.bool = ...,
         load: _node_pb2.Load | None = ...,
+        key_check: _node_pb2.NodeKeyCheck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_check", b"key_check", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "ipv4", b"ipv4", "labels", b"labels", "load", b"load", "port", b"port", "request_id", b"request_id", "wait_for_revision", b"wait_for_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "ipv4", b"ipv4", "key_check", b"key_check", "labels", b"labels", "load", b"load", "port", b"port", "request_id", b"request_id", "wait_for_revision", b"wait_for_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
