@@ -18,7 +18,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-SERVICES = ("registry", "locks", "keys")
+SERVICES = ("registry", "locks", "keys", "balancer")
 
 ListenOpt = Annotated[
     str | None, typer.Option("--listen", help="host:port to serve on. [env: MUSTER_LISTEN; default 127.0.0.1:7400]")
@@ -171,7 +171,7 @@ def serve(
         str,
         typer.Argument(
             metavar="SERVICE[,SERVICE…]",
-            help="registry, locks or keys; several comma-separated run in one process (registry,keys).",
+            help="registry, keys, balancer or locks; several comma-separated run in one process (registry,keys).",
         ),
     ],
     listen: ListenOpt = None,

@@ -14,6 +14,7 @@ asyncio, and :mod:`muster.client.errors` for the exceptions.
 from muster.client import errors
 from muster.client._address import ResolvedAddress, resolve_node_address
 from muster.client._agent import Agent, AgentConfig
+from muster.client._balancer import Candidate, ClusterStatus, Excluded, NodeSessions, Placement, Session
 from muster.client._cluster import Cluster, KeepAlive
 from muster.client._config import ClientConfig
 from muster.client._models import Cluster as ClusterInfo
@@ -37,6 +38,12 @@ from muster.client._watch import ClusterView, ConnectionState, NodeChange, Watch
 from muster.client.errors import MusterError
 
 __all__ = [
+    "Candidate",
+    "ClusterStatus",
+    "Excluded",
+    "NodeSessions",
+    "Placement",
+    "Session",
     "Agent",
     "AgentConfig",
     "ClientConfig",

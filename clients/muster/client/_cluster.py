@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 
 import grpc
 
+from muster.api.balancer.v1 import balancer_service_pb2_grpc
 from muster.api.keys.v1 import keys_service_pb2_grpc
 from muster.api.locks.v1 import locks_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2, registry_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.client import keyfiles
+from muster.client._balancer import BalancerApi
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
 from muster.client._keys import KeysApi
@@ -39,9 +41,11 @@ T = TypeVar("T")
 
 # Server-side CANCELLED (a replica shutting down) and UNAVAILABLE: try again, on another replica.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+# UNAVAILABLE answers that are a verdict, not a transport failure: retrying elsewhere changes nothing.
+FINAL_REASONS = frozenset({"NO_ELIGIBLE_NODE"})
 
 
-class Cluster(LocksApi, KeysApi):
+class Cluster(LocksApi, KeysApi, BalancerApi):
     """A connection to the control plane. Use ``await Cluster.connect(...)`` or
     ``async with Cluster.connect(...) as cluster:``.
 
@@ -56,6 +60,7 @@ class Cluster(LocksApi, KeysApi):
         self._registry = Endpoint(config.for_service("registry"), config, registry_service_pb2_grpc.RegistryServiceStub)
         self._locks = Endpoint(config.for_service("locks"), config, locks_service_pb2_grpc.LocksServiceStub)
         self._keys = Endpoint(config.for_service("keys"), config, keys_service_pb2_grpc.KeysServiceStub)
+        self._balancer = Endpoint(config.for_service("balancer"), config, balancer_service_pb2_grpc.BalancerServiceStub)
 
     @classmethod
     def connect(
@@ -87,6 +92,7 @@ class Cluster(LocksApi, KeysApi):
         await self._registry.close()
         await self._locks.close()
         await self._keys.close()
+        await self._balancer.close()
 
     @property
     def registry_address(self) -> str:
@@ -105,7 +111,8 @@ class Cluster(LocksApi, KeysApi):
                 return await getattr(endpoint.stub(), method)(request, timeout=deadline)
             except grpc.aio.AioRpcError as exc:
                 err = from_rpc_error(exc)
-                if retry and exc.code() in RETRYABLE and attempt + 1 < self.config.max_attempts:
+                retryable = exc.code() in RETRYABLE and err.reason not in FINAL_REASONS
+                if retry and retryable and attempt + 1 < self.config.max_attempts:
                     endpoint.fail_over()
                     await asyncio.sleep(backoff(attempt, self.config, err.retry_after))
                     attempt += 1

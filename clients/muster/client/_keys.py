@@ -307,6 +307,15 @@ class KeysApi:
         resp = await self._keys_call("ResetKeys", pb.ResetKeysRequest(wait_for_revision=wait_for_revision), retry=False)
         return resp.removed_versions, resp.revision
 
+    async def derive_keys(self, purpose: str) -> list[tuple[int, str, bytes]]:
+        """Keys derived for ``purpose`` from each accepted version: (version, state, 32-byte key), newest first.
+
+        Defines the cluster's keys (generated) if it has none. Used by servers (the balancer signs
+        session routes with its ``session-routes`` key); the cookie keys themselves never leave.
+        """
+        resp = await self._keys_call("DeriveKeys", pb.DeriveKeysRequest(purpose=purpose))
+        return [(k.version, key_pb2.KeyVersion.State.Name(k.state).removeprefix("STATE_"), k.key) for k in resp.keys]
+
     async def encrypt_secret(self, plaintext: str) -> str:
         """Encrypts a secret under the ACTIVE cookie key (encrypt-password, done by the server)."""
         resp = await self._keys_call("EncryptSecret", pb.EncryptSecretRequest(plaintext=plaintext))

@@ -53,6 +53,10 @@ __all__ = [
     "KeyVersionNotFoundError",
     "KeyRotationPendingError",
     "MasterKeyMismatchError",
+    "NoEligibleNodeError",
+    "SessionNotFoundError",
+    "ForgedSessionIdError",
+    "StrategyUnavailableError",
     "InternalError",
     "from_rpc_error",
 ]
@@ -227,6 +231,22 @@ class KeyRotationPendingError(FailedPreconditionError):
     """A rotation is under way: its PENDING version must be promoted first (``version``)."""
 
 
+class NoEligibleNodeError(UnavailableError):
+    """No node can take the session (``metadata["excluded"]``: ``node:reason`` pairs)."""
+
+
+class SessionNotFoundError(NotFoundError):
+    """No such session: it ended, or never existed."""
+
+
+class ForgedSessionIdError(InvalidArgumentError):
+    """The session id's route signature does not verify: forged or tampered."""
+
+
+class StrategyUnavailableError(FailedPreconditionError):
+    """The custom strategy is not configured on the server."""
+
+
 class MasterKeyMismatchError(FailedPreconditionError):
     """The stored keys were sealed under another master key than the server's."""
 
@@ -268,6 +288,10 @@ BY_REASON: dict[str, type[MusterError]] = {
     "KEY_VERSION_NOT_FOUND": KeyVersionNotFoundError,
     "KEY_ROTATION_PENDING": KeyRotationPendingError,
     "MASTER_KEY_MISMATCH": MasterKeyMismatchError,
+    "NO_ELIGIBLE_NODE": NoEligibleNodeError,
+    "SESSION_NOT_FOUND": SessionNotFoundError,
+    "FORGED_SESSION_ID": ForgedSessionIdError,
+    "STRATEGY_UNAVAILABLE": StrategyUnavailableError,
 }
 BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -118,6 +118,26 @@ class Settings(BaseSettings):
         None, description="PEM CA of the keys service's certificate: call it over TLS."
     )
 
+    # The balancer (muster.balancer).
+    registry_address: str | None = Field(
+        None, description="host:port of the registry the balancer follows (default: this server's own address)."
+    )
+    registry_tls_ca_file: Path | None = Field(
+        None, description="PEM CA of the registry's certificate: call it over TLS."
+    )
+    balancer_custom: str | None = Field(
+        None, description="The custom strategy: a module:function entry point, or an executable (and its arguments)."
+    )
+    balancer_custom_timeout: timedelta = Field(
+        timedelta(seconds=1), description="How long the custom strategy may take before `sessions` decides."
+    )
+    balancer_diagnostics: str | None = Field(
+        None, description="Log each placement decision as a JSON line: `stderr` or a file path."
+    )
+    placement_ttl: timedelta = Field(
+        timedelta(minutes=2), description="A placement never reported started is ended after this long."
+    )
+
     # The keys service (muster.keys): the master key that seals keys at rest, and the rotation grace.
     master_key_file: Path | None = Field(None, description="File holding the 32-byte master key (mode 0600).")
     master_key: SecretStr | None = Field(None, description="The master key, base64 of 32 bytes (MUSTER_MASTER_KEY).")
@@ -144,6 +164,8 @@ class Settings(BaseSettings):
         "poll_interval",
         "stream_write_timeout",
         "heartbeat_batch_window",
+        "balancer_custom_timeout",
+        "placement_ttl",
         "grace_period",
         "database_wait",
         mode="before",
@@ -265,7 +287,6 @@ def load_settings(**flags: Any) -> Settings:
                 "SECURE_COOKIE_KEY_FILE",
                 "LAUNCHER_KEY_FILE",
                 "LAUNCHER_PUB_FILE",
-                "REGISTRY_ADDRESS",
                 "LOCKS_ADDRESS",
                 "BALANCER_ADDRESS",
             )

@@ -36,6 +36,10 @@ CHANNEL = "muster_events"
 _PASS_LIMIT = 20_000
 
 APPEND = "SELECT core.append_event($1, $2, $3)"
+APPEND_MANY = """
+SELECT core.append_event(k, n, p) FROM unnest($1::text[], $2::bigint[], $3::bytea[]) WITH ORDINALITY AS u(k, n, p, i)
+ORDER BY i
+"""
 LOCK_HEAD = "LOCK TABLE core.head IN EXCLUSIVE MODE"
 NUMBER = """
 WITH pending AS (
@@ -80,6 +84,19 @@ def kind_of(payload: Message) -> str:
 async def append(con: asyncpg.Connection, payload: Message, *, node_id: int = 0) -> int:
     """Appends an un-numbered event in the caller's transaction; returns its append id."""
     return int(await con.fetchval(APPEND, kind_of(payload), node_id, payload.SerializeToString()))
+
+
+async def append_many(con: asyncpg.Connection, items: list[tuple[Message, int]]) -> list[int]:
+    """Appends several events (payload, node id) in one statement, in order; returns their append ids."""
+    if not items:
+        return []
+    rows = await con.fetch(
+        APPEND_MANY,
+        [kind_of(p) for p, _ in items],
+        [n for _, n in items],
+        [p.SerializeToString() for p, _ in items],
+    )
+    return [int(r[0]) for r in rows]
 
 
 async def _number_all(con: asyncpg.Connection) -> tuple[int, int]:

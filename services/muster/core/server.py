@@ -35,8 +35,10 @@ COMPONENTS = {
     "registry": "muster.registry.component:RegistryComponent",
     "locks": "muster.locks.component:LocksComponent",
     "keys": "muster.keys.component:KeysComponent",
+    "balancer": "muster.balancer.component:BalancerComponent",
 }
 
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.server.max_pending_requests", 10_000),
@@ -60,6 +62,7 @@ class Runtime:
     security: auth.Security | None = None  # tokens and TLS; ``call_metadata()`` for calls to other services
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     components: dict[str, Any] = field(default_factory=dict)  # the components in this process, by name
+    address: str = ""  # where this process serves (a wildcard host as 127.0.0.1), known before start()
 
     def spawn(self, coro: Any, name: str) -> None:
         """Starts a background task that shutdown cancels."""
@@ -203,6 +206,8 @@ async def serve(
         port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen}; is the port taken? choose another with --listen")
+    host = settings.listen.rpartition(":")[0]
+    runtime.address = f"{_LOOPBACK.get(host, host)}:{port}"
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -285,6 +285,12 @@ def ensure_master_key(data_dir: Path) -> Path:
 # -- encrypt-password ----------------------------------------------------------------------------
 
 
+def derive_key(cookie_key: bytes, purpose: str) -> bytes:
+    """A 32-byte key for ``purpose`` derived from a cookie key (HKDF-SHA256, info ``muster derive v1 <purpose>``)."""
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"muster derive v1 " + purpose.encode("ascii"))
+    return hkdf.derive(cookie_key)
+
+
 def _password_aead(cookie_key: bytes) -> AESGCM:
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PASSWORD_INFO)
     return AESGCM(hkdf.derive(cookie_key))

@@ -6,6 +6,8 @@ carry it (FetchKeys). Errors name fingerprints, versions and lengths only.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from muster.api.keys.v1 import key_pb2, keys_service_pb2_grpc
@@ -17,6 +19,7 @@ from muster.keys.errors import LauncherKeyUnreadableError
 from muster.keys.models import Fingerprints
 from muster.keys.store import KeyStore, version_to_proto
 
+_PURPOSE = re.compile(r"^[a-z0-9-]{1,64}$")
 MAX_SECRET_CHARS = 4096
 MAX_VERSION = 2**31 - 1
 
@@ -180,6 +183,18 @@ class KeysServicer(keys_service_pb2_grpc.KeysServiceServicer):
         removed, append_id = await self._store.reset()
         return pb.ResetKeysResponse(
             removed_versions=removed, revision=await self._revision(append_id, request.wait_for_revision)
+        )
+
+    @translate_errors
+    async def DeriveKeys(
+        self, request: pb.DeriveKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeriveKeysResponse:
+        purpose = request.purpose
+        if not _PURPOSE.match(purpose):
+            raise InvalidArgumentError("purpose", "must be 1-64 characters of a-z, 0-9 and -")
+        keys = await self._store.derived(purpose)
+        return pb.DeriveKeysResponse(
+            keys=[pb.DerivedKey(version=info.version, state=int(info.state), key=key) for info, key in keys]
         )
 
     @translate_errors

@@ -399,6 +399,24 @@ class KeyStore:
             raise MasterKeyMismatchError(row["version"], self._master.id, row["master_key_id"])
         return self._master.open(row["cookie_sealed"], _contexts(row["version"])[0]), row["cookie_fingerprint"]
 
+    async def derived(self, purpose: str) -> list[tuple[VersionInfo, bytes]]:
+        """HKDF-SHA256 keys for ``purpose`` from each accepted version's cookie key, newest first;
+        defines the cluster's keys (generated) when it has none."""
+        for _ in range(3):
+            async with self._pool.acquire() as con:
+                rows = [r for r in await con.fetch(ALL_VERSIONS) if VersionState(r["state"]).accepted]
+            if rows:
+                break
+            await self.verify(0, Fingerprints())  # none yet: define (generated), then look again
+        out = []
+        for row in rows:
+            info = VersionInfo.from_row(row)
+            if info.master_key_id != self._master.id:
+                raise MasterKeyMismatchError(info.version, self._master.id, info.master_key_id)
+            cookie = self._master.open(row["cookie_sealed"], _contexts(info.version)[0])
+            out.append((info, crypto.derive_key(cookie, purpose)))
+        return out
+
     async def ack(self, node_id: int, version: int, held: Fingerprints) -> Acked:
         """Records that a node holds a version; promotes a PENDING version once every live node has.
 

@@ -84,6 +84,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
     ERROR_REASON_NODE_DELETING: _ErrorReason.ValueType  # 30
     """The node is being deleted: join again once the deletion finished (retryable); metadata `node`."""
+    ERROR_REASON_NO_ELIGIBLE_NODE: _ErrorReason.ValueType  # 31
+    """No node can take the session (metadata `excluded`: each node and why; retry after nodes join or recover)."""
+    ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 32
+    """No such session (it ended); metadata `session_id`."""
+    ERROR_REASON_FORGED_SESSION_ID: _ErrorReason.ValueType  # 33
+    """The session id's route signature does not verify: forged or tampered; metadata `session_id`."""
+    ERROR_REASON_STRATEGY_UNAVAILABLE: _ErrorReason.ValueType  # 34
+    """The custom strategy is not configured on the server; metadata `strategy`."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC failed: the `reason` of the `google.rpc.ErrorInfo` in a failed
@@ -153,4 +161,12 @@ ERROR_REASON_MASTER_KEY_MISMATCH: ErrorReason.ValueType  # 29
 """The stored keys were sealed under another master key; metadata `master_key_id`, `stored_master_key_id`."""
 ERROR_REASON_NODE_DELETING: ErrorReason.ValueType  # 30
 """The node is being deleted: join again once the deletion finished (retryable); metadata `node`."""
+ERROR_REASON_NO_ELIGIBLE_NODE: ErrorReason.ValueType  # 31
+"""No node can take the session (metadata `excluded`: each node and why; retry after nodes join or recover)."""
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 32
+"""No such session (it ended); metadata `session_id`."""
+ERROR_REASON_FORGED_SESSION_ID: ErrorReason.ValueType  # 33
+"""The session id's route signature does not verify: forged or tampered; metadata `session_id`."""
+ERROR_REASON_STRATEGY_UNAVAILABLE: ErrorReason.ValueType  # 34
+"""The custom strategy is not configured on the server; metadata `strategy`."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

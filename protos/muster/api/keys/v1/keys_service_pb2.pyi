@@ -597,3 +597,79 @@ class EncryptSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EncryptSecretResponse: _TypeAlias = EncryptSecretResponse  # noqa: Y015
+
+@_typing.final
+class DeriveKeysRequest(_message.Message):
+    """Request of DeriveKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    purpose: _builtins.str
+    """What the keys are for (1-64 characters of a-z, 0-9, -): distinct purposes get unrelated keys."""
+    def __init__(
+        self,
+        *,
+        purpose: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purpose", b"purpose"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeriveKeysRequest: _TypeAlias = DeriveKeysRequest  # noqa: Y015
+
+@_typing.final
+class DerivedKey(_message.Message):
+    """A derived key of one version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The key version it derives from."""
+    state: _key_pb2.KeyVersion.State.ValueType
+    """PENDING, ACTIVE or RETIRING."""
+    key: _builtins.bytes
+    """32 bytes."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        state: _key_pb2.KeyVersion.State.ValueType = ...,
+        key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DerivedKey: _TypeAlias = DerivedKey  # noqa: Y015
+
+@_typing.final
+class DeriveKeysResponse(_message.Message):
+    """Response of DeriveKeys."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___DerivedKey]:
+        """One per accepted version, newest first."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___DerivedKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeriveKeysResponse: _TypeAlias = DeriveKeysResponse  # noqa: Y015

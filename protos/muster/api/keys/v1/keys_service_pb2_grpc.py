@@ -75,6 +75,11 @@ class KeysServiceStub:
                 request_serializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretRequest.SerializeToString,
                 response_deserializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretResponse.FromString,
                 _registered_method=True)
+        self.DeriveKeys = channel.unary_unary(
+                '/muster.api.keys.v1.KeysService/DeriveKeys',
+                request_serializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysRequest.SerializeToString,
+                response_deserializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeysServiceServicer:
@@ -139,6 +144,15 @@ class KeysServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeriveKeys(self, request, context):
+        """Keys derived (HKDF-SHA256) from each accepted version's cookie key for one purpose, such as
+        signing session routes; defines the cluster's keys (generated) if it has none. The cookie keys
+        themselves are not returned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeysServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +195,11 @@ def add_KeysServiceServicer_to_server(servicer, server):
                     servicer.EncryptSecret,
                     request_deserializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretRequest.FromString,
                     response_serializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretResponse.SerializeToString,
+            ),
+            'DeriveKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeriveKeys,
+                    request_deserializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysRequest.FromString,
+                    response_serializer=muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +419,33 @@ class KeysService:
             '/muster.api.keys.v1.KeysService/EncryptSecret',
             muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretRequest.SerializeToString,
             muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.EncryptSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeriveKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.api.keys.v1.KeysService/DeriveKeys',
+            muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysRequest.SerializeToString,
+            muster_dot_api_dot_keys_dot_v1_dot_keys__service__pb2.DeriveKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

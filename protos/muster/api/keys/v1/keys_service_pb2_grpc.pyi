@@ -53,6 +53,11 @@ class KeysServiceStub:
     """Removes every key version (admin; used by reset-cluster)."""
     EncryptSecret: _grpc.UnaryUnaryMultiCallable[_keys_service_pb2.EncryptSecretRequest, _keys_service_pb2.EncryptSecretResponse]
     """Encrypts a secret (a database password) with a key derived from the ACTIVE cookie key."""
+    DeriveKeys: _grpc.UnaryUnaryMultiCallable[_keys_service_pb2.DeriveKeysRequest, _keys_service_pb2.DeriveKeysResponse]
+    """Keys derived (HKDF-SHA256) from each accepted version's cookie key for one purpose, such as
+    signing session routes; defines the cluster's keys (generated) if it has none. The cookie keys
+    themselves are not returned.
+    """
 
 @_typing.type_check_only
 class KeysServiceAsyncStub(KeysServiceStub):
@@ -79,6 +84,11 @@ class KeysServiceAsyncStub(KeysServiceStub):
     """Removes every key version (admin; used by reset-cluster)."""
     EncryptSecret: _aio.UnaryUnaryMultiCallable[_keys_service_pb2.EncryptSecretRequest, _keys_service_pb2.EncryptSecretResponse]  # type: ignore[assignment]
     """Encrypts a secret (a database password) with a key derived from the ACTIVE cookie key."""
+    DeriveKeys: _aio.UnaryUnaryMultiCallable[_keys_service_pb2.DeriveKeysRequest, _keys_service_pb2.DeriveKeysResponse]  # type: ignore[assignment]
+    """Keys derived (HKDF-SHA256) from each accepted version's cookie key for one purpose, such as
+    signing session routes; defines the cluster's keys (generated) if it has none. The cookie keys
+    themselves are not returned.
+    """
 
 class KeysServiceServicer(metaclass=_abc_1.ABCMeta):
     """The cluster's secure cookie key and launcher key pair: definition, distribution, rotation."""
@@ -150,5 +160,16 @@ class KeysServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_service_pb2.EncryptSecretResponse, _abc.Awaitable[_keys_service_pb2.EncryptSecretResponse]]:
         """Encrypts a secret (a database password) with a key derived from the ACTIVE cookie key."""
+
+    @_abc_1.abstractmethod
+    def DeriveKeys(
+        self,
+        request: _keys_service_pb2.DeriveKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_service_pb2.DeriveKeysResponse, _abc.Awaitable[_keys_service_pb2.DeriveKeysResponse]]:
+        """Keys derived (HKDF-SHA256) from each accepted version's cookie key for one purpose, such as
+        signing session routes; defines the cluster's keys (generated) if it has none. The cookie keys
+        themselves are not returned.
+        """
 
 def add_KeysServiceServicer_to_server(servicer: KeysServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,187 @@
+"""What the balancer needs besides its tables: the batcher of placements, the custom strategy, and
+the diagnostics log of decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from muster.balancer.models import Counts, Decision, NodeInfo
+from muster.balancer.store import Ask, BalancerStore, Placed
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 500
+
+
+class Placer:
+    """Reserves placements in batches: the first placement of a quiet moment is written at once;
+    those arriving while a batch is in flight go together in the next (group commit). Each caller
+    is answered after its batch committed."""
+
+    def __init__(self, store: BalancerStore, signing_key: Callable[[], bytes]) -> None:
+        self._store = store
+        self._key = signing_key
+        self._queue: list[tuple[Ask, asyncio.Future[Placed]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def place(self, ask: Ask) -> Placed:
+        """Decides and reserves one placement."""
+        fut: asyncio.Future[Placed] = asyncio.get_running_loop().create_future()
+        self._queue.append((ask, fut))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="muster-placements")
+        return await fut
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+            try:
+                results = await self._store.reserve([a for a, _ in batch], self._key())
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), placed in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(placed)
+
+    async def close(self) -> None:
+        """Waits for the batch in flight."""
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5)
+
+
+class CustomStrategy:
+    """The ``custom`` strategy: a Python entry point (``module:function``) called with the request
+    and the candidates, or an executable given them as JSON on stdin; either answers a node id. A
+    failure, a wrong answer or the timeout falls back to ``sessions``.
+
+    The input: ``{"user", "kind", "labels", "candidates": [{"node_id", "address", "sessions",
+    "load1", "cpu_count", "labels"}]}``; an executable prints the node id (or ``{"node_id": N}``).
+    An entry point may be a coroutine function.
+    """
+
+    def __init__(self, spec: str, timeout: timedelta) -> None:
+        self.spec = spec
+        self.timeout = timeout.total_seconds()
+        self._function: Callable[..., Any] | None = None
+        if ":" in spec and not Path(spec).exists():
+            module, _, name = spec.partition(":")
+            self._function = getattr(importlib.import_module(module), name)
+
+    async def choose(
+        self, user: str, kind: str, labels: dict[str, str], candidates: list[NodeInfo], counts: dict[int, Counts]
+    ) -> tuple[NodeInfo | None, str]:
+        """The chosen candidate, or (None, why it fell back)."""
+        doc = {
+            "user": user,
+            "kind": kind,
+            "labels": labels,
+            "candidates": [
+                {
+                    "node_id": n.id,
+                    "address": n.address,
+                    "sessions": counts.get(n.id, Counts()).sessions,
+                    "load1": n.load1,
+                    "cpu_count": n.cpu_count,
+                    "labels": dict(n.labels),
+                }
+                for n in candidates
+            ],
+        }
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await (self._call(doc) if self._function is not None else self._run(doc))
+        except TimeoutError:
+            return None, f"custom strategy timed out after {self.timeout:g}s"
+        except Exception as exc:  # noqa: BLE001 - any failure of the operator's code falls back
+            return None, f"custom strategy failed: {type(exc).__name__}: {str(exc)[:200]}"
+        try:
+            node_id = int(answer["node_id"] if isinstance(answer, dict) else answer)
+        except (TypeError, ValueError, KeyError):
+            return None, f"custom strategy answered {str(answer)[:100]!r}, not a node id"
+        chosen = next((n for n in candidates if n.id == node_id), None)
+        if chosen is None:
+            return None, f"custom strategy chose node {node_id}, which is not a candidate"
+        return chosen, ""
+
+    async def _call(self, doc: dict[str, Any]) -> Any:
+        assert self._function is not None
+        result = self._function(doc)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    async def _run(self, doc: dict[str, Any]) -> Any:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(self.spec),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            out, _ = await proc.communicate(json.dumps(doc).encode())
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(proc.wait())
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit status {proc.returncode}")
+        text = out.decode().strip()
+        return json.loads(text) if text.startswith("{") else text
+
+
+class Diagnostics:
+    """The ``balancer_diagnostics`` option: one JSON line per decision (``stderr`` or a file path)."""
+
+    def __init__(self, target: str) -> None:
+        self._own = target not in ("stderr", "-")
+        self._out: TextIO = sys.stderr if not self._own else open(target, "a", buffering=1)  # noqa: SIM115
+        if self._own:
+            os.chmod(target, 0o640)
+
+    def record(
+        self, user: str, kind: str, labels: dict[str, str], decision: Decision, session_id: str, dry: bool
+    ) -> None:
+        """Writes one decision with its inputs."""
+        line = {
+            "time": time.time(),
+            "user": user,
+            "kind": kind,
+            "labels": labels,
+            "dry_run": dry,
+            "strategy": decision.strategy,
+            "fallback": decision.fallback,
+            "winner": decision.winner.id,
+            "session_id": session_id,
+            "candidates": [
+                {"node_id": s.node.id, "score": s.score, "sessions": s.counts.sessions, "load1": s.node.load1}
+                for s in decision.scored
+            ],
+            "excluded": [{"node_id": n.id, "reason": r} for n, r in decision.excluded],
+        }
+        try:
+            self._out.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            log.warning("cannot write placement diagnostics: %s", exc)
+
+    def close(self) -> None:
+        """Closes a file target."""
+        if self._own:
+            self._out.close()

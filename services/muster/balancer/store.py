@@ -1,0 +1,484 @@
+"""Every SQL statement of the balancer, behind named async methods.
+
+**Placements** are decided inside the transaction that reserves them, under the placement lock
+(the ``balancer.settings`` row, FOR UPDATE): the decision reads the per-node counts, and the
+reservation updates them, before any other placement — on any replica — can read them. A burst
+therefore spreads exactly (1,000 placements over 5 equal nodes: 200 each). Placements arriving
+together are decided and reserved in one transaction (group commit, like heartbeats), so the lock is
+taken once per batch, not once per placement.
+
+**Moves** (a node's lease expired, or it left) run in batches under the same lock: each batch
+selects the node's sessions FOR UPDATE, re-places each by the strategy, deletes the old rows and
+inserts the new ones with their ``SessionMoved`` events. Replicas racing to move the same node
+serialize on the lock and the second finds nothing left: each session moves exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from muster.api.balancer.v1 import balancer_pb2
+from muster.balancer.models import (
+    Counts,
+    Decision,
+    NodeInfo,
+    Session,
+    SessionState,
+    new_session_id,
+    rank,
+)
+from muster.core import events
+from muster.core.db import retry_serialization
+
+log = logging.getLogger(__name__)
+
+LOCK_SETTINGS = "SELECT strategy FROM balancer.settings WHERE id = 1 FOR UPDATE"
+STRATEGY = "SELECT strategy FROM balancer.settings WHERE id = 1"
+SET_STRATEGY = "UPDATE balancer.settings SET strategy = $1, update_time = now() WHERE id = 1"
+BY_REQUEST = "SELECT * FROM balancer.sessions WHERE request_id = ANY($1::text[])"
+COUNTS = "SELECT node_id, sessions, placed FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])"
+ALL_COUNTS = "SELECT node_id, sessions, placed FROM balancer.node_counts"
+INSERT_SESSIONS = """
+INSERT INTO balancer.sessions (id, node_id, node_address, route, user_name, kind, state, pid, request_id,
+                               place_time, start_time, moved_from)
+SELECT u.id, u.node_id, u.address, u.route, u.user_name, u.kind, u.state, u.pid, u.request_id,
+       coalesce(u.place_time, now()), u.start_time, u.moved_from
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::smallint[], $8::int[],
+            $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+     AS u(id, node_id, address, route, user_name, kind, state, pid, request_id, place_time, start_time, moved_from)
+RETURNING *
+"""
+ADD_COUNTS = """
+INSERT INTO balancer.node_counts AS c (node_id, sessions, placed)
+SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[])
+ON CONFLICT (node_id) DO UPDATE SET sessions = c.sessions + EXCLUDED.sessions, placed = c.placed + EXCLUDED.placed
+"""
+SESSION_FOR_UPDATE = "SELECT * FROM balancer.sessions WHERE id = $1 FOR UPDATE"
+START = """
+UPDATE balancer.sessions SET state = 2, pid = $2, start_time = coalesce(start_time, now()),
+    node_id = $3, node_address = $4, route = $5
+WHERE id = $1 RETURNING *
+"""
+DELETE_SESSION = "DELETE FROM balancer.sessions WHERE id = $1 RETURNING *"
+SESSION = "SELECT * FROM balancer.sessions WHERE id = $1"
+MOVED_TO = "SELECT new_id FROM balancer.moves WHERE old_id = $1"
+NODE_SESSIONS_FOR_UPDATE = """
+SELECT * FROM balancer.sessions WHERE node_id = $1 ORDER BY place_time, id LIMIT $2 FOR UPDATE
+"""
+DELETE_SESSIONS = "DELETE FROM balancer.sessions WHERE id = ANY($1::text[])"
+RECORD_MOVES = """
+INSERT INTO balancer.moves (old_id, new_id) SELECT * FROM unnest($1::text[], $2::text[])
+ON CONFLICT (old_id) DO UPDATE SET new_id = EXCLUDED.new_id, move_time = now()
+"""
+# Ids moved earlier onto a session that moves now point straight at its new id.
+FOLLOW_MOVES = """
+UPDATE balancer.moves m SET new_id = u.new_id
+FROM unnest($1::text[], $2::text[]) AS u(old_id, new_id) WHERE m.new_id = u.old_id
+"""
+LIST = """
+SELECT * FROM balancer.sessions
+WHERE ($1::bigint = 0 OR node_id = $1) AND (node_id, place_time, id) > ($2::bigint, $3::timestamptz, $4::text)
+ORDER BY node_id, place_time, id LIMIT $5
+"""
+ALL_SESSIONS = "SELECT * FROM balancer.sessions ORDER BY node_id, place_time, id"
+EXPIRE_PLACED = """
+DELETE FROM balancer.sessions WHERE id IN (
+    SELECT id FROM balancer.sessions WHERE state = 1 AND moved_from = '' AND place_time < now() - $1::interval
+    ORDER BY place_time LIMIT 1000 FOR UPDATE SKIP LOCKED
+) RETURNING id, node_id
+"""
+NODES_WITH_SESSIONS = "SELECT DISTINCT node_id FROM balancer.sessions"
+NOW = "SELECT now()"
+
+
+def session_to_proto(s: Session) -> balancer_pb2.Session:
+    """A Session message."""
+    msg = balancer_pb2.Session(
+        id=s.id,
+        node_id=s.node_id,
+        node_address=s.node_address,
+        route=s.route,
+        user=s.user,
+        kind=s.kind,
+        state=int(s.state),
+        pid=s.pid,
+        moved_from=s.moved_from,
+    )
+    msg.place_time.FromDatetime(s.place_time)
+    if s.start_time is not None:
+        msg.start_time.FromDatetime(s.start_time)
+    return msg
+
+
+@dataclass
+class Ask:
+    """One placement to decide in a batch. ``forced`` is the custom strategy's choice, decided before."""
+
+    user: str
+    kind: str
+    request_id: str
+    candidates: list[NodeInfo]
+    excluded: list[tuple[NodeInfo, str]]
+    forced: NodeInfo | None = None
+    fallback: str = ""
+
+
+@dataclass
+class Placed:
+    """A batch's answer to one Ask: the session, and the decision (None for a deduplicated retry)."""
+
+    session: Session
+    decision: Decision | None
+    append_id: int = 0
+
+
+@dataclass
+class _Rows:
+    """Columns for INSERT_SESSIONS."""
+
+    cols: list[list[object]] = field(default_factory=lambda: [[] for _ in range(12)])
+
+    def add(
+        self,
+        sid: str,
+        node: NodeInfo,
+        user: str,
+        kind: str,
+        state: SessionState,
+        *,
+        pid: int = 0,
+        request_id: str = "",
+        place_time: datetime | None = None,
+        start_time: datetime | None = None,
+        moved_from: str = "",
+    ) -> None:
+        values = (sid, node.id, node.address, node.route, user, kind, int(state), pid, request_id)
+        for col, v in zip(self.cols, (*values, place_time, start_time, moved_from), strict=True):
+            col.append(v)
+
+
+def _count_args(deltas: Counter[int], placed: Counter[int]) -> tuple[list[int], list[int], list[int]]:
+    ids = sorted(set(deltas) | set(placed))
+    return ids, [deltas[i] for i in ids], [placed[i] for i in ids]
+
+
+class BalancerStore:
+    """The balancer's tables.
+
+    Args:
+        pool: the shared pool.
+        numberer: this process's numbering passes.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, numberer: events.Numberer) -> None:
+        self._pool = pool
+        self._numberer = numberer
+
+    async def revision_of(self, append_id: int) -> int:
+        """Waits until the event is numbered; returns its revision."""
+        return await self._numberer.revision_of(append_id)
+
+    # -- strategy ------------------------------------------------------------------------------
+
+    async def strategy(self) -> str:
+        """The cluster's placement strategy."""
+        async with self._pool.acquire() as con:
+            return str(await con.fetchval(STRATEGY))
+
+    async def set_strategy(self, name: str) -> tuple[str, int]:
+        """Sets the strategy; returns the previous one and the event's append id."""
+        async with self._pool.acquire() as con, con.transaction():
+            previous = str(await con.fetchval(LOCK_SETTINGS))
+            await con.execute(SET_STRATEGY, name)
+            append_id = await events.append(con, balancer_pb2.StrategyChanged(strategy=name))
+        self._numberer.kick()
+        log.info("placement strategy %s (was %s)", name, previous, extra={"event": "strategy_changed"})
+        return previous, append_id
+
+    # -- placements ----------------------------------------------------------------------------
+
+    async def counts(self, node_ids: Sequence[int]) -> dict[int, Counts]:
+        """Sessions per node (for a dry run: no lock, no reservation)."""
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(COUNTS, list(node_ids))
+        return {r["node_id"]: Counts(r["sessions"], r["placed"]) for r in rows}
+
+    async def reserve(self, asks: list[Ask], key: bytes) -> list[Placed]:
+        """Decides and reserves a batch of placements in one transaction under the placement lock."""
+
+        async def attempt() -> list[Placed]:
+            async with self._pool.acquire() as con, con.transaction():
+                strategy = str(await con.fetchval(LOCK_SETTINGS))
+                rids = [a.request_id for a in asks if a.request_id]
+                seen = {r["request_id"]: Session.from_row(r) for r in await con.fetch(BY_REQUEST, rids)} if rids else {}
+                ids = sorted({n.id for a in asks for n in a.candidates})
+                counts = {r["node_id"]: Counts(r["sessions"], r["placed"]) for r in await con.fetch(COUNTS, ids)}
+                rows, out, payloads = _Rows(), [], []
+                fresh: dict[str, int] = {}  # request id -> index in out, for duplicates within the batch
+                delta: Counter[int] = Counter()
+                for a in asks:
+                    if a.request_id in seen:
+                        out.append(Placed(seen[a.request_id], None))
+                        continue
+                    if a.request_id in fresh:
+                        out.append(Placed(out[fresh[a.request_id]].session, None))
+                        continue
+                    used = "sessions" if strategy == "custom" else strategy
+                    ranked = rank(used, a.user, a.candidates, counts)
+                    winner = a.forced if a.forced is not None else ranked[0].node
+                    sid = new_session_id(key, winner.route)
+                    c = counts.get(winner.id, Counts())
+                    counts[winner.id] = Counts(c.sessions + 1, c.placed + 1)
+                    delta[winner.id] += 1
+                    rows.add(sid, winner, a.user, a.kind, SessionState.PLACED, request_id=a.request_id)
+                    name = strategy if a.forced is not None or strategy != "custom" else "sessions"
+                    decision = Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback)
+                    out.append(
+                        Placed(
+                            Session(
+                                sid,
+                                winner.id,
+                                winner.address,
+                                winner.route,
+                                a.user,
+                                a.kind,
+                                SessionState.PLACED,
+                                0,
+                                datetime.min,
+                                None,
+                            ),
+                            decision,
+                        )
+                    )
+                    if a.request_id:
+                        fresh[a.request_id] = len(out) - 1
+                inserted = {r["id"]: Session.from_row(r) for r in await con.fetch(INSERT_SESSIONS, *rows.cols)}
+                if delta:
+                    await con.execute(ADD_COUNTS, *_count_args(delta, delta))
+                for p in out:
+                    if p.decision is not None:
+                        p.session = inserted[p.session.id]
+                        payloads.append(
+                            (
+                                balancer_pb2.SessionPlaced(
+                                    session=session_to_proto(p.session), strategy=p.decision.strategy
+                                ),
+                                p.session.node_id,
+                            )
+                        )
+                append_ids = iter(await events.append_many(con, payloads))
+                for p in out:
+                    if p.decision is not None:
+                        p.append_id = next(append_ids)
+                return out
+
+        out = await retry_serialization(attempt)
+        if any(p.decision is not None for p in out):
+            self._numberer.kick()
+        return out
+
+    # -- reports -------------------------------------------------------------------------------
+
+    async def started(self, node: NodeInfo, session_id: str, pid: int, user: str, kind: str) -> Session:
+        """A node's agent reports a session started: a placed one moves to STARTED (on the reporting
+        node); an unknown one is recorded as STARTED there."""
+        async with self._pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(SESSION_FOR_UPDATE, session_id)
+            if row is None:
+                rows = _Rows()
+                rows.add(session_id, node, user, kind, SessionState.STARTED, pid=pid)
+                await con.execute(INSERT_SESSIONS, *rows.cols)
+                session = Session.from_row(
+                    await con.fetchrow(START, session_id, pid, node.id, node.address, node.route)
+                )
+                await con.execute(ADD_COUNTS, [node.id], [1], [0])
+            else:
+                before = Session.from_row(row)
+                session = Session.from_row(
+                    await con.fetchrow(START, session_id, pid, node.id, node.address, node.route)
+                )
+                if before.state is SessionState.STARTED and before.node_id == node.id:
+                    return session  # a repeated report: nothing changes
+                moves: Counter[int] = Counter({node.id: 1})
+                moves[before.node_id] -= 1
+                placed: Counter[int] = Counter()
+                if before.state is SessionState.PLACED:
+                    placed[before.node_id] -= 1
+                await con.execute(ADD_COUNTS, *_count_args(moves, placed))
+            await events.append(con, balancer_pb2.SessionStarted(session=session_to_proto(session)), node_id=node.id)
+        self._numberer.kick()
+        return session
+
+    async def ended(self, node_id: int, session_id: str, reason: str = "ENDED") -> Session | None:
+        """A session ended: its row goes (repeated reports are harmless); returns it if it was there."""
+        async with self._pool.acquire() as con, con.transaction():
+            row = await con.fetchrow(DELETE_SESSION, session_id)
+            if row is None:
+                return None
+            s = Session.from_row(row)
+            await con.execute(ADD_COUNTS, [s.node_id], [-1], [-1 if s.state is SessionState.PLACED else 0])
+            await events.append(
+                con, balancer_pb2.SessionEnded(session_id=s.id, node_id=s.node_id, reason=reason), node_id=s.node_id
+            )
+        self._numberer.kick()
+        return s
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def list_sessions(
+        self, node_id: int, after: tuple[int, datetime, str] | None, limit: int
+    ) -> tuple[list[Session], datetime]:
+        """A page of sessions by (node, place time, id)."""
+        key = after or (0, datetime(1970, 1, 1, tzinfo=UTC), "")
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(LIST, node_id, key[0], key[1], key[2], limit)
+            now = await con.fetchval(NOW)
+        return [Session.from_row(r) for r in rows], now
+
+    async def all_sessions(self) -> tuple[list[Session], datetime]:
+        """Every session (the status view)."""
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(ALL_SESSIONS)
+            now = await con.fetchval(NOW)
+        return [Session.from_row(r) for r in rows], now
+
+    async def route(self, session_id: str) -> tuple[Session, bool] | None:
+        """The session under this id, or under the id it was moved to; None if neither exists."""
+        async with self._pool.acquire() as con:
+            row = await con.fetchrow(SESSION, session_id)
+            if row is not None:
+                return Session.from_row(row), False
+            new_id = await con.fetchval(MOVED_TO, session_id)
+            if new_id is None:
+                return None
+            row = await con.fetchrow(SESSION, new_id)
+        return (Session.from_row(row), True) if row is not None else None
+
+    async def nodes_with_sessions(self) -> set[int]:
+        """Nodes that have sessions."""
+        async with self._pool.acquire() as con:
+            return {r["node_id"] for r in await con.fetch(NODES_WITH_SESSIONS)}
+
+    # -- moves and expiry ----------------------------------------------------------------------
+
+    async def move_sessions(
+        self, node_id: int, candidates: Callable[[], list[NodeInfo]], key: bytes, *, batch: int = 500
+    ) -> int:
+        """Moves every session of a node to other candidates by the strategy; returns how many moved.
+
+        Stops early (leaving the rest for the next sweep) when there is no candidate.
+        """
+        moved = 0
+        while True:
+
+            async def attempt() -> int:
+                async with self._pool.acquire() as con, con.transaction():
+                    strategy = str(await con.fetchval(LOCK_SETTINGS))
+                    rows = [Session.from_row(r) for r in await con.fetch(NODE_SESSIONS_FOR_UPDATE, node_id, batch)]
+                    if not rows:
+                        return 0
+                    pool = [n for n in candidates() if n.id != node_id]
+                    if not pool:
+                        log.warning(
+                            "node %s's %d+ sessions cannot be moved: no node can take them",
+                            node_id,
+                            len(rows),
+                            extra={"event": "sessions_stranded", "node": node_id},
+                        )
+                        return -1
+                    used = "sessions" if strategy == "custom" else strategy
+                    counts = {
+                        r["node_id"]: Counts(r["sessions"], r["placed"])
+                        for r in await con.fetch(COUNTS, [n.id for n in pool])
+                    }
+                    new, payloads = _Rows(), []
+                    delta: Counter[int] = Counter({node_id: -len(rows)})
+                    placed: Counter[int] = Counter()
+                    olds, news = [], []
+                    for s in rows:
+                        winner = rank(used, s.user, pool, counts)[0].node
+                        sid = new_session_id(key, winner.route)
+                        c = counts.get(winner.id, Counts())
+                        is_placed = s.state is SessionState.PLACED
+                        counts[winner.id] = Counts(c.sessions + 1, c.placed + int(is_placed))
+                        delta[winner.id] += 1
+                        if is_placed:
+                            placed[winner.id] += 1
+                            placed[node_id] -= 1
+                        new.add(
+                            sid,
+                            winner,
+                            s.user,
+                            s.kind,
+                            s.state,
+                            place_time=s.place_time,
+                            start_time=s.start_time,
+                            moved_from=s.id,
+                        )
+                        olds.append(s.id)
+                        news.append(sid)
+                    await con.execute(DELETE_SESSIONS, olds)
+                    inserted = {r["id"]: Session.from_row(r) for r in await con.fetch(INSERT_SESSIONS, *new.cols)}
+                    await con.execute(FOLLOW_MOVES, olds, news)
+                    await con.execute(RECORD_MOVES, olds, news)
+                    await con.execute(ADD_COUNTS, *_count_args(delta, placed))
+                    for old, s_new in zip(rows, news, strict=True):
+                        ns = inserted[s_new]
+                        payloads.append(
+                            (
+                                balancer_pb2.SessionMoved(
+                                    session=session_to_proto(ns), previous_id=old.id, previous_node_id=node_id
+                                ),
+                                ns.node_id,
+                            )
+                        )
+                    await events.append_many(con, payloads)
+                    return len(rows)
+
+            n = await retry_serialization(attempt)
+            if n <= 0:
+                break
+            moved += n
+            self._numberer.kick()
+        if moved:
+            log.info(
+                "moved %d sessions off node %s",
+                moved,
+                node_id,
+                extra={"event": "sessions_moved", "node": node_id, "count": moved},
+            )
+        return moved
+
+    async def expire_placed(self, ttl: timedelta) -> int:
+        """Ends placements never started within ``ttl`` (SessionEnded EXPIRED); returns how many."""
+        async with self._pool.acquire() as con, con.transaction():
+            rows = await con.fetch(EXPIRE_PLACED, ttl)
+            if not rows:
+                return 0
+            by_node = Counter(r["node_id"] for r in rows)
+            ids = sorted(by_node)
+            await con.execute(ADD_COUNTS, ids, [-by_node[i] for i in ids], [-by_node[i] for i in ids])
+            await events.append_many(
+                con,
+                [
+                    (
+                        balancer_pb2.SessionEnded(session_id=r["id"], node_id=r["node_id"], reason="EXPIRED"),
+                        r["node_id"],
+                    )
+                    for r in rows
+                ],
+            )
+        self._numberer.kick()
+        return len(rows)
+
+
+def labels_json(labels: dict[str, str]) -> str:
+    """Labels as stored."""
+    return json.dumps(labels, sort_keys=True)
