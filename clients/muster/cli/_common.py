@@ -67,10 +67,12 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Runs a command's coroutine; a client error becomes one line on stderr and exit code 1."""
-    from muster.client.errors import MusterError, UnavailableError
+    from muster.client.errors import MusterError, NoEligibleNodeError, UnavailableError
 
     try:
         return asyncio.run(coro)
+    except NoEligibleNodeError as exc:
+        raise fail(str(exc)) from None
     except UnavailableError as exc:
         raise fail(
             f"the control plane is unreachable ({exc}); is `muster up` running? set --address or MUSTER_ADDRESS"

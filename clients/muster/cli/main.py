@@ -281,12 +281,14 @@ def _mask(dsn: str) -> str:
 
 def _register_client_commands() -> None:
     # Imported here so that `muster up`/`serve` never pay for them, and they never import the server.
-    from muster.cli import agent, keys, locks, nodes
+    from muster.cli import agent, balancer, keys, locks, nodes, routes
 
     nodes.register(app)
     agent.register(app)
     locks.register(app)
     keys.register(app)
+    balancer.register(app)
+    routes.register(app)
 
 
 _register_client_commands()
