@@ -57,6 +57,7 @@ AGENT_SOCKET = "agent.sock"
 MAX_REQUEST_BYTES = 64 * 1024
 # Errors that say "the control plane cannot answer right now": the agent waits and tries again.
 _TRANSIENT = (UnavailableError, DeadlineExceededError, ResourceExhaustedError, AbortedError, InternalError)
+SESSION_MOVED_KINDS = ("muster.api.balancer.v1.SessionMoved",)
 KEY_EVENT_KINDS = tuple(
     "muster.api.keys.v1." + k
     for k in ("KeysDefined", "KeyVersionAdded", "KeyVersionPromoted", "KeyVersionRetired", "KeysReset")
@@ -98,6 +99,9 @@ class AgentConfig:
         leave_timeout: how long a clean stop may try to leave before giving up (the node then
             expires after its lease).
         serve_socket: serve ``<state_dir>/agent.sock`` (default True).
+        report_sessions: report sessions started and ended to the balancer, and follow the sessions
+            it moves onto this node (default True; a control plane without a balancer is noticed
+            once and left alone).
         key_paths: the node's key files (secure cookie key, launcher private and public key); None:
             the agent does not manage keys. When set, the join carries their fingerprints (a node
             whose keys differ is refused), a node without them receives the cluster's, and key
@@ -115,6 +119,7 @@ class AgentConfig:
     leave_timeout: timedelta = timedelta(seconds=5)
     serve_socket: bool = True
     key_paths: keyfiles.KeyPaths | None = None
+    report_sessions: bool = True
 
     def __post_init__(self) -> None:
         addresses: str | Sequence[str] = self.addresses
@@ -205,6 +210,9 @@ class Agent:
         self._clients: set[asyncio.StreamWriter] = set()
         self.rejoins = 0
         self._keys: KeySync | None = None
+        self._reports: asyncio.Queue[tuple[str, str, int, str]] = asyncio.Queue()
+        self._moved_callbacks: list[Callable[[Any], None]] = []
+        self._balancer_missing = False
 
     # -- what the application sees -------------------------------------------------------------
 
@@ -268,12 +276,25 @@ class Agent:
         if session_id not in self._sessions:
             self._count += 1
         self._sessions[session_id] = _Session(pid, user, time.time())
+        self._report(("started", session_id, pid or 0, user or ""))
 
     def session_ended(self, session_id: str) -> None:
         """Uncounts a session that ended (an unknown id changes nothing)."""
         _check_session(session_id)
         if self._sessions.pop(session_id, None) is not None:
             self._count = max(0, self._count - 1)
+            self._report(("ended", session_id, 0, ""))
+
+    def on_session_moved(self, callback: Callable[[Any], None]) -> None:
+        """Calls ``callback(event)`` when the balancer moves a session onto this node (its node failed):
+        ``event.payload`` is a ``SessionMoved`` (``session`` under its new id, ``previous_id``,
+        ``previous_node_id``). The session is counted here from then on; restoring its state is the
+        application's business."""
+        self._moved_callbacks.append(callback)
+
+    def _report(self, item: tuple[str, str, int, str]) -> None:
+        if self.config.report_sessions:
+            self._reports.put_nowait(item)
 
     def set_session_count(self, count: int) -> None:
         """Sets the session count outright, for applications that count their sessions themselves.
@@ -422,6 +443,8 @@ class Agent:
         watched = {lease}
         if self.config.key_paths is not None:
             watched.add(asyncio.create_task(self._manage_keys(cluster), name="muster-agent-keys"))
+        if self.config.report_sessions:
+            watched.add(asyncio.create_task(self._manage_sessions(cluster), name="muster-agent-sessions"))
         try:
             # These end only by failing (a refusal, a replaced agent).
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
@@ -433,6 +456,70 @@ class Agent:
             for t in (*watched, viewer):
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    async def _manage_sessions(self, cluster: Cluster) -> None:
+        """Reports sessions to the balancer in order, and takes in the sessions moved onto this node."""
+        follower = asyncio.create_task(self._follow_moves(cluster), name="muster-agent-moves")
+        try:
+            while True:
+                item = await self._reports.get()
+                await self._send_report(cluster, item)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+
+    async def _send_report(self, cluster: Cluster, item: tuple[str, str, int, str]) -> None:
+        what, session_id, pid, user = item
+        attempt = 0
+        while not self._balancer_missing:
+            lease = self._lease
+            assert lease is not None
+            try:
+                if what == "started":
+                    await cluster.report_session_started(lease.node_id, session_id, pid=pid, user=user)
+                else:
+                    await cluster.report_session_ended(lease.node_id, session_id)
+                return
+            except _TRANSIENT as exc:
+                self._failing(exc)
+                await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
+            except MusterError as exc:
+                if exc.code.name == "UNIMPLEMENTED":
+                    self._balancer_missing = True
+                    log.info(
+                        "no balancer answers; sessions are counted in heartbeats only",
+                        extra={"event": "agent_sessions"},
+                    )
+                    return
+                log.warning("session %s not reported: %s", session_id, exc, extra={"event": "agent_sessions"})
+                return
+
+    async def _follow_moves(self, cluster: Cluster) -> None:
+        lease = self._lease
+        assert lease is not None
+        start = await self._head_revision(cluster)
+        async with cluster.watch(start, kinds=SESSION_MOVED_KINDS, node_ids=[lease.node_id]) as stream:
+            async for item in stream:
+                if not isinstance(item, Event) or item.payload is None:
+                    continue
+                moved = item.payload
+                session_id = moved.session.id  # type: ignore[attr-defined]
+                if session_id not in self._sessions:
+                    self._sessions[session_id] = _Session(moved.session.pid or None, moved.session.user, time.time())  # type: ignore[attr-defined]
+                    self._count += 1
+                log.info(
+                    "session %s moved here from node %s as %s",
+                    moved.previous_id,  # type: ignore[attr-defined]
+                    moved.previous_node_id,  # type: ignore[attr-defined]
+                    session_id,
+                    extra={"event": "agent_session_moved", "session": session_id},
+                )
+                for callback in self._moved_callbacks:
+                    callback(item)
 
     # -- keys ----------------------------------------------------------------------------------
 

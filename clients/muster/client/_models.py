@@ -9,7 +9,9 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from muster.api.balancer.v1 import balancer_pb2
 from muster.api.events.v1 import event_pb2
+from muster.api.keys.v1 import key_pb2
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
@@ -222,6 +224,20 @@ _REGISTRY_PAYLOADS: dict[str, type[Message]] = {
     if d.name.startswith(("Node", "Cluster")) and d.name not in {"Node", "NodeLoad"}
 }
 _REGISTRY_PAYLOADS[event_pb2.OutageCredited.DESCRIPTOR.full_name] = event_pb2.OutageCredited
+# The other services' event payloads: keys and balancer.
+for _cls in (
+    key_pb2.KeysDefined,
+    key_pb2.KeyVersionAdded,
+    key_pb2.KeyVersionPromoted,
+    key_pb2.KeyVersionRetired,
+    key_pb2.KeysReset,
+    balancer_pb2.SessionPlaced,
+    balancer_pb2.SessionStarted,
+    balancer_pb2.SessionEnded,
+    balancer_pb2.SessionMoved,
+    balancer_pb2.StrategyChanged,
+):
+    _REGISTRY_PAYLOADS[_cls.DESCRIPTOR.full_name] = _cls
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,7 +137,7 @@ class CustomStrategy:
             out, _ = await proc.communicate(json.dumps(doc).encode())
         finally:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(Exception):  # it may be exiting by itself right now
                     proc.kill()
                 with contextlib.suppress(Exception):
                     await asyncio.shield(proc.wait())

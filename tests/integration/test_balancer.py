@@ -1,0 +1,285 @@
+"""The balancer against real replicas: spreading under concurrency, explanations and exclusions,
+signed routes, the custom strategy's fallback, and failover of a SIGKILLed node's sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from agents import AgentProcess
+from harness import ServerProcess, error_reason, wait_for
+
+from muster.api.balancer.v1 import balancer_service_pb2 as pb
+from muster.api.balancer.v1 import balancer_service_pb2_grpc
+from muster.client import Cluster, NodeMode
+from muster.client import errors as E
+
+KEY = {"MUSTER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
+CALM = {**KEY, "MUSTER_HEARTBEAT_INTERVAL": "5s", "MUSTER_CHECK_IN_WINDOW": "15s", "MUSTER_LEASE_TTL": "60s"}
+ALL = ["registry,keys,balancer"]
+
+
+@contextlib.contextmanager
+def control_planes(database_url: str, n: int, env: dict[str, str]):
+    procs = [ServerProcess(database_url, ALL, env=env) for _ in range(n)]
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+async def _ready(c: Cluster, online: int, timeout: float = 15.0) -> None:
+    """Waits until the balancer's view shows ``online`` ONLINE nodes."""
+
+    async def seen() -> bool:
+        try:
+            status = await c.status()
+        except E.UnavailableError:
+            return False
+        return sum(1 for n in status.nodes if n.state == "ONLINE") >= online
+
+    await wait_for(seen, timeout=timeout, what=f"the balancer to see {online} nodes")
+
+
+async def _join(c: Cluster, count: int, **labels: str) -> list[int]:
+    return [
+        (await c.join_node(f"app{i}-{os.getpid()}-{time.monotonic_ns()}.test", 8787, labels=labels)).node_id
+        for i in range(count)
+    ]
+
+
+async def test_a_thousand_concurrent_placements_over_five_nodes_differ_by_at_most_one(database_url: str) -> None:
+    with control_planes(database_url, 2, CALM) as (a, b):
+        async with Cluster.connect(a.address) as ca, Cluster.connect(b.address) as cb:
+            nodes = await _join(ca, 5)
+            await _ready(ca, 5)
+            await _ready(cb, 5)
+            gate = asyncio.Semaphore(128)
+
+            async def place(i: int) -> str:
+                async with gate:
+                    return (await (ca if i % 2 else cb).place_session(f"user{i}")).session.id
+
+            ids = await asyncio.wait_for(asyncio.gather(*(place(i) for i in range(1000))), 120)
+            assert len(set(ids)) == 1000
+            sessions = await ca.list_sessions()
+    per_node = Counter(s.node_id for s in sessions)
+    assert len(sessions) == 1000 and set(per_node) == set(nodes)
+    assert max(per_node.values()) - min(per_node.values()) <= 1, per_node
+
+
+async def test_a_placement_explains_itself_and_excludes_what_cannot_take_it(database_url: str) -> None:
+    env = {**KEY, "MUSTER_HEARTBEAT_INTERVAL": "300ms", "MUSTER_CHECK_IN_WINDOW": "900ms", "MUSTER_LEASE_TTL": "60s"}
+    with control_planes(database_url, 1, env) as (server,):
+        async with Cluster.connect(server.address) as c:
+            active = await c.join_node("active.test", 8787, labels={"zone": "a"})
+            busy = await c.join_node("busy.test", 8787, labels={"zone": "a"})
+            draining = await c.join_node("draining.test", 8787, labels={"zone": "a"})
+            other_zone = await c.join_node("zone-b.test", 8787, labels={"zone": "b"})
+            silent = await c.join_node("silent.test", 8787, labels={"zone": "a"})
+            gone = await c.join_node("gone.test", 8787, labels={"zone": "a"})
+            await c.leave_node(gone)
+            await c.set_node_mode(draining.node_id, NodeMode.DRAINING)
+            stop = asyncio.Event()
+
+            async def beat() -> None:
+                while not stop.is_set():
+                    for lease in (active, busy, draining, other_zone):
+                        await c.heartbeat(lease)
+                    await asyncio.sleep(0.2)
+
+            beating = asyncio.create_task(beat())
+            try:
+                await _ready(c, 4)
+
+                async def silent_missed() -> bool:
+                    status = await c.status()
+                    return any(n.node_id == silent.node_id and n.unreachable for n in status.nodes)
+
+                await wait_for(silent_missed, timeout=10, what="the silent node to miss its check-in")
+                await c.place_session("someone", labels={"zone": "a"})  # busy gets one first? no: fewest wins
+                placed = await c.place_session("ana", kind="ide", labels={"zone": "a"})
+                assert placed.strategy == "sessions"
+                assert {x.node_id for x in placed.candidates} == {active.node_id, busy.node_id}
+                assert sum(x.chosen for x in placed.candidates) == 1
+                winner = next(x for x in placed.candidates if x.chosen)
+                assert winner.node_id == placed.node_id and winner.score == min(x.score for x in placed.candidates)
+                reasons = {x.node_id: x.reason for x in placed.excluded}
+                assert reasons == {
+                    draining.node_id: "draining",
+                    other_zone.node_id: "labels",
+                    silent.node_id: "missed_check_in",
+                    gone.node_id: "offline",
+                }
+                # A dry run answers the same way and reserves nothing.
+                before = len(await c.list_sessions())
+                dry = await c.place_session("bo", labels={"zone": "a"}, dry_run=True)
+                assert dry.session.node_id in {active.node_id, busy.node_id} and dry.excluded
+                assert len(await c.list_sessions()) == before
+                # Nobody can take it: UNAVAILABLE with every node's reason, at once (not retried).
+                started = time.monotonic()
+                with pytest.raises(E.NoEligibleNodeError) as none:
+                    await c.place_session("cy", labels={"zone": "c"})
+                assert time.monotonic() - started < 2
+                assert "labels" in str(none.value) and f"{draining.node_id}:draining" in none.value.metadata["excluded"]
+                # A retried placement (same request id) is one session.
+                again = [await c.place_session("di", request_id="r-1") for _ in range(3)]
+                assert len({p.session.id for p in again}) == 1
+            finally:
+                stop.set()
+                await beating
+
+
+async def test_routes_are_signed_followed_and_forged_ones_refused(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with Cluster.connect(server.address) as c:
+            await _join(c, 2)
+            await _ready(c, 2)
+            placed = await c.place_session("ana")
+            session, moved = await c.route_session(placed.session.id)
+            assert (session.node_id, moved) == (placed.node_id, False)
+            base, _, route = placed.session.id.rpartition(".")
+            other = "n2" if route == "n1" else "n1"
+            for forged in (f"{base}.{other}", "0" * 32 + f".{route}", base[:-1] + "x." + route):
+                with pytest.raises(E.ForgedSessionIdError):
+                    await c.route_session(forged)
+            # Started on its node, then ended: gone.
+            started = await c.report_session_started(placed.node_id, placed.session.id, pid=4242, user="ana")
+            assert (started.state, started.pid) == ("STARTED", 4242)
+            await c.report_session_ended(placed.node_id, placed.session.id)
+            with pytest.raises(E.SessionNotFoundError):
+                await c.route_session(placed.session.id)
+            # A session its node started without placement is recorded under the application's id.
+            own = await c.report_session_started(placed.node_id, "local-7", pid=7, user="bo", kind="jupyter")
+            assert (await c.route_session("local-7"))[0].id == own.id == "local-7"
+
+
+async def test_bad_input_is_invalid_argument_naming_the_field(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            stub = balancer_service_pb2_grpc.BalancerServiceStub(ch)
+            cases = [
+                (stub.PlaceSession, pb.PlaceSessionRequest(user=""), "user"),
+                (stub.PlaceSession, pb.PlaceSessionRequest(user="a", kind="k" * 65), "kind"),
+                (stub.PlaceSession, pb.PlaceSessionRequest(user="a\n"), "user"),
+                (stub.PlaceSession, pb.PlaceSessionRequest(user="a", labels={"": "x"}), "labels"),
+                (stub.ReportSession, pb.ReportSessionRequest(node_id=1, session_id="s"), "kind"),
+                (stub.ReportSession, pb.ReportSessionRequest(node_id=0, session_id="s", kind=1), "node_id"),
+                (stub.ReportSession, pb.ReportSessionRequest(node_id=1, session_id="a b", kind=1), "session_id"),
+                (stub.ReportSession, pb.ReportSessionRequest(node_id=1, session_id="s", kind=1, pid=-1), "pid"),
+                (stub.RouteSession, pb.RouteSessionRequest(session_id=""), "session_id"),
+                (stub.ListSessions, pb.ListSessionsRequest(page_token="garbage"), "page_token"),
+                (stub.ListSessions, pb.ListSessionsRequest(page_size=10_001), "page_size"),
+                (stub.SetStrategy, pb.SetStrategyRequest(strategy="random"), "strategy"),
+            ]
+            for method, request, field in cases:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await method(request, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value)
+                reason, metadata = error_reason(err.value)
+                assert metadata.get("field", "").startswith(field), (field, reason, metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SetStrategy(pb.SetStrategyRequest(strategy="custom"), timeout=10)
+            assert error_reason(err.value)[0] == "STRATEGY_UNAVAILABLE"
+
+
+async def test_user_hash_keeps_a_user_on_one_node_and_strategy_changes_are_events(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with Cluster.connect(server.address) as c:
+            await _join(c, 4)
+            await _ready(c, 4)
+            assert await c.set_strategy("user-hash") == "sessions"
+            homes = {u: {(await c.place_session(u)).node_id for _ in range(4)} for u in ("ana", "bo", "cy", "di")}
+            assert all(len(h) == 1 for h in homes.values()), homes
+            status = await c.status()
+            assert status.strategy == "user-hash"
+
+
+CUSTOM_HANGS = "import time; time.sleep(30)"
+CUSTOM_PICKS_LAST = "import json, sys; d = json.load(sys.stdin); print(max(c['node_id'] for c in d['candidates']))"
+
+
+@pytest.mark.parametrize(("script", "falls_back"), [(CUSTOM_HANGS, True), (CUSTOM_PICKS_LAST, False)])
+async def test_the_custom_strategy_decides_or_falls_back_within_its_timeout(
+    database_url: str, tmp_path: Path, script: str, falls_back: bool
+) -> None:
+    path = tmp_path / "strategy.py"
+    path.write_text(script)
+    env = {**CALM, "MUSTER_BALANCER_CUSTOM": f"{sys.executable} {path}", "MUSTER_BALANCER_CUSTOM_TIMEOUT": "500ms"}
+    with control_planes(database_url, 1, env) as (server,):
+        async with Cluster.connect(server.address) as c:
+            nodes = await _join(c, 3)
+            await _ready(c, 3)
+            await c.set_strategy("custom")
+            started = time.monotonic()
+            placed = await c.place_session("ana")
+            took = time.monotonic() - started
+    if falls_back:
+        assert placed.strategy == "sessions" and "timed out" in placed.fallback
+        assert took < 2.0, took
+    else:
+        assert (placed.strategy, placed.fallback, placed.node_id) == ("custom", "", max(nodes)), placed.fallback
+
+
+async def test_a_sigkilled_nodes_sessions_move_once_each_and_the_rest_stay(database_url: str) -> None:
+    env = {**KEY, "MUSTER_HEARTBEAT_INTERVAL": "200ms", "MUSTER_CHECK_IN_WINDOW": "600ms", "MUSTER_LEASE_TTL": "1500ms"}
+    with control_planes(database_url, 2, env) as (a, b):
+        agents = [AgentProcess([a.address, b.address]) for _ in range(3)]
+        try:
+            for agent in agents:
+                agent.start()
+            async with Cluster.connect(a.address) as c:
+                await _ready(c, 3)
+                placed = [await c.place_session(f"user{i}") for i in range(30)]
+                for p in placed[::2]:
+                    await c.report_session_started(p.node_id, p.session.id, pid=1000, user=p.session.user)
+                victim = agents[0]
+                doomed = {p.session.id for p in placed if p.node_id == victim.node_id}
+                kept = {p.session.id: p.node_id for p in placed if p.node_id != victim.node_id}
+                assert doomed and kept
+                head = (await c.get_cluster()).head_revision
+                killed_at = time.monotonic()
+                victim.signal(9)
+                moves: list = []
+
+                async def collect() -> None:
+                    async with c.watch(head, kinds=["muster.api.balancer.v1.SessionMoved"]) as stream:
+                        async for item in stream:
+                            if getattr(item, "kind", "") == "SessionMoved":
+                                moves.append((time.monotonic(), item.payload))
+
+                watcher = asyncio.create_task(collect())
+                try:
+                    await wait_for(lambda: len(moves) >= len(doomed), timeout=15, what="every session to move")
+                    await asyncio.sleep(1.0)  # a duplicate move would show up now
+                finally:
+                    watcher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watcher
+                assert max(t for t, _ in moves) - killed_at < 1.5 + 2.0  # lease_ttl + 2 s
+                assert sorted(m.previous_id for _, m in moves) == sorted(doomed)  # each exactly once
+                assert all(m.previous_node_id == victim.node_id for _, m in moves)
+                assert all(m.session.node_id != victim.node_id for _, m in moves)
+                sessions = {s.id: s for s in await c.list_sessions()}
+                assert {sid: sessions[sid].node_id for sid in kept} == kept  # the others stayed put
+                assert len(sessions) == len(placed)
+                for _, m in moves:
+                    session, moved = await c.route_session(m.previous_id)
+                    assert moved and session.id == m.session.id and session.node_id == m.session.node_id
+                # The new nodes' agents heard of the sessions moved onto them.
+                heard = sum(len(x.lines_matching(r"moved here from node")) for x in agents[1:])
+                assert heard == len(doomed)
+        finally:
+            for agent in agents:
+                agent.stop()
