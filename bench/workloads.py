@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -543,6 +544,77 @@ def locks_contended(opts: Options) -> None:
                 )
 
 
+def _place_client(address: str, tasks: int, seconds: float, start_at: float) -> Result:
+    """PlaceSession calls (reservations); latencies are whole calls."""
+
+    async def main() -> Result:
+        from muster.client import Cluster
+
+        async with Cluster.connect(address) as cluster:
+            lat: list[float] = []
+            count = 0
+            await _sleep_until(start_at)
+            t0 = time.monotonic()
+            end = t0 + seconds
+
+            async def one(k: int) -> None:
+                nonlocal count
+                i = 0
+                while time.monotonic() < end:
+                    s = time.monotonic()
+                    await cluster.place_session(f"user-{k}-{i}", kind="bench")
+                    lat.append(time.monotonic() - s)
+                    count += 1
+                    i += 1
+
+            await asyncio.gather(*(one(k) for k in range(tasks)))
+            return Result(count, time.monotonic() - t0, lat)
+
+    return _loop_run(main())
+
+
+def _balancer_ready(address: str, nodes: int) -> None:
+    async def main() -> None:
+        from muster.client import Cluster
+
+        async with Cluster.connect(address) as cluster:
+            for i in range(nodes):
+                await cluster.join_node(f"bench-node-{i}.test", 8787)
+            for _ in range(200):
+                try:
+                    status = await cluster.status()
+                    if sum(n.state == "ONLINE" for n in status.nodes) >= nodes:
+                        return
+                except Exception:  # noqa: BLE001 - still loading its view
+                    pass
+                await asyncio.sleep(0.1)
+            raise RuntimeError("the balancer did not see the nodes")
+
+    asyncio.run(main())
+
+
+def placements(opts: Options) -> None:
+    """PlaceSession (reserving) through one balancer replica over 10 nodes, strategy sessions, at concurrency 64."""
+    import base64
+
+    env = {
+        "MUSTER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+        # The nodes do not heartbeat here: keep them ONLINE and within the check-in window throughout.
+        "MUSTER_HEARTBEAT_INTERVAL": "20m",
+        "MUSTER_CHECK_IN_WINDOW": "1h",
+        "MUSTER_LEASE_TTL": "1h",
+    }
+    with control_plane(1, fsync=opts.fsync, env=env, service="registry,keys,balancer") as cluster:
+        _balancer_ready(cluster.addresses[0], 10)
+        runs, lats = [], []
+        for _ in range(opts.runs):
+            args = [(cluster.addresses[0], n, opts.seconds) for n in _split(opts.concurrency, 2)]
+            results = _run_clients(_place_client, args)
+            runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
+            lats += [x for r in results for x in r.latencies]
+        _report(f"placements c={opts.concurrency}", "placements/s", runs, lats)
+
+
 ALL: dict[str, Callable[[Options], None]] = {
     "grpc-floor": grpc_floor,
     "upserts": upserts,
@@ -552,4 +624,5 @@ ALL: dict[str, Callable[[Options], None]] = {
     "log": log,
     "locks": locks,
     "locks-contended": locks_contended,
+    "placements": placements,
 }

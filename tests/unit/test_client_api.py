@@ -15,7 +15,13 @@ def test_public_names_are_pinned() -> None:
         [
             "Agent",
             "AgentConfig",
+            "Candidate",
             "ClientConfig",
+            "ClusterStatus",
+            "Excluded",
+            "NodeSessions",
+            "Placement",
+            "Session",
             "Cluster",
             "ClusterInfo",
             "ClusterView",

@@ -215,6 +215,20 @@ class NodeChange:
     cause: Event | Resync
 
 
+NODE_EVENT_KINDS = tuple(
+    "muster.api.registry.v1." + k
+    for k in (
+        "NodeJoined",
+        "NodeStateChanged",
+        "NodeModeChanged",
+        "NodeSuspected",
+        "NodeRecovered",
+        "NodeDeleted",
+        "ClusterReset",
+    )
+)
+
+
 def apply_to_nodes(nodes: dict[int, Node], item: Event | Resync) -> list[tuple[Node | None, Node | None]]:
     """Applies one event or snapshot to a map of nodes; returns (before, after) of what changed.
 
@@ -262,6 +276,8 @@ class ClusterView:
     """
 
     def __init__(self, cluster: Cluster, **watch_options: Any) -> None:
+        # Only the events that change nodes travel: not the locks', sessions' or keys' events.
+        watch_options.setdefault("kinds", NODE_EVENT_KINDS)
         self._watch = Watch(cluster, start_revision=0, **watch_options)
         self._nodes: dict[int, Node] = {}
         self.revision = 0

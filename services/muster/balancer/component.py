@@ -73,6 +73,7 @@ class BalancerComponent:
         self._strategy = "sessions"
         self._strategy_at = 0.0
         self._to_move: set[int] = set()
+        self._nodes_cache: list[NodeInfo] | None = None
         self._absent: set[int] = set()
         self._move_wake = asyncio.Event()
 
@@ -125,7 +126,15 @@ class BalancerComponent:
         return self._view is not None and self._view.revision > 0
 
     def nodes(self) -> list[NodeInfo]:
-        """Every node the view knows, with its latest load."""
+        """Every node the view knows, with its latest load (rebuilt when either changes)."""
+        if self._nodes_cache is None:
+            self._nodes_cache = self._build_nodes()
+        return self._nodes_cache
+
+    def _invalidate(self, *_: object) -> None:
+        self._nodes_cache = None
+
+    def _build_nodes(self) -> list[NodeInfo]:
         from muster.client._models import Health, NodeMode
 
         view = self._view
@@ -166,6 +175,7 @@ class BalancerComponent:
             return
         self._loads = {x.node_id: x for x in loads}
         self._loads_at = time.monotonic()
+        self._nodes_cache = None
 
     async def strategy(self) -> str:
         """The cluster's strategy (cached for a second; a StrategyChanged event refreshes it at once)."""
@@ -210,7 +220,9 @@ class BalancerComponent:
         attempt = 0
         while True:
             view = self._cluster.view()
+            view.on_change(self._invalidate)
             self._view = view
+            self._nodes_cache = None
             try:
                 await view.start()
                 attempt = 0

@@ -55,6 +55,30 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::te
      AS u(id, node_id, address, route, user_name, kind, state, pid, request_id, place_time, start_time, moved_from)
 RETURNING *
 """
+# The placement lock, and what a batch's decisions need, in one round trip.
+PLACEMENT_LOCK = """
+WITH lock AS (SELECT strategy FROM balancer.settings WHERE id = 1 FOR UPDATE)
+SELECT (SELECT strategy FROM lock) AS strategy, now() AS now,
+       (SELECT array_agg(node_id) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS ids,
+       (SELECT array_agg(sessions) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS n,
+       (SELECT array_agg(placed) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS pl,
+       EXISTS (SELECT 1 FROM balancer.sessions s WHERE s.request_id = ANY($2::text[])) AS retried
+"""
+# The sessions, the counts and the events of a batch, in one statement.
+PLACE = """
+WITH ins AS (
+    INSERT INTO balancer.sessions (id, node_id, node_address, route, user_name, kind, state, pid, request_id,
+                                   place_time, start_time, moved_from)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::smallint[],
+                         $8::int[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
+), cnt AS (
+    INSERT INTO balancer.node_counts AS c (node_id, sessions, placed)
+    SELECT * FROM unnest($13::bigint[], $14::int[], $15::int[])
+    ON CONFLICT (node_id) DO UPDATE SET sessions = c.sessions + EXCLUDED.sessions, placed = c.placed + EXCLUDED.placed
+)
+SELECT core.append_event(k, n, p) FROM unnest($16::text[], $17::bigint[], $18::bytea[]) WITH ORDINALITY AS u(k, n, p, i)
+ORDER BY i
+"""
 ADD_COUNTS = """
 INSERT INTO balancer.node_counts AS c (node_id, sessions, placed)
 SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[])
@@ -164,6 +188,14 @@ class _Rows:
             col.append(v)
 
 
+def _event_columns(items: list[tuple[object, int]]) -> tuple[list[str], list[int], list[bytes]]:
+    return (
+        [events.kind_of(p) for p, _ in items],  # type: ignore[arg-type]
+        [n for _, n in items],
+        [p.SerializeToString() for p, _ in items],  # type: ignore[attr-defined]
+    )
+
+
 def _count_args(deltas: Counter[int], placed: Counter[int]) -> tuple[list[int], list[int], list[int]]:
     ids = sorted(set(deltas) | set(placed))
     return ids, [deltas[i] for i in ids], [placed[i] for i in ids]
@@ -211,15 +243,25 @@ class BalancerStore:
         return {r["node_id"]: Counts(r["sessions"], r["placed"]) for r in rows}
 
     async def reserve(self, asks: list[Ask], key: bytes) -> list[Placed]:
-        """Decides and reserves a batch of placements in one transaction under the placement lock."""
+        """Decides and reserves a batch of placements in one transaction under the placement lock.
+
+        Two statements: one takes the lock and reads what the decisions need (the strategy, the
+        time, the candidates' counts, placements already made under the batch's request ids); one
+        writes the sessions, the counts and the events.
+        """
+        rids = [a.request_id for a in asks if a.request_id]
+        ids = sorted({n.id for a in asks for n in a.candidates})
 
         async def attempt() -> list[Placed]:
             async with self._pool.acquire() as con, con.transaction():
-                strategy = str(await con.fetchval(LOCK_SETTINGS))
-                rids = [a.request_id for a in asks if a.request_id]
-                seen = {r["request_id"]: Session.from_row(r) for r in await con.fetch(BY_REQUEST, rids)} if rids else {}
-                ids = sorted({n.id for a in asks for n in a.candidates})
-                counts = {r["node_id"]: Counts(r["sessions"], r["placed"]) for r in await con.fetch(COUNTS, ids)}
+                head = await con.fetchrow(PLACEMENT_LOCK, ids, rids)
+                strategy, now = str(head["strategy"]), head["now"]
+                counts = {
+                    i: Counts(n, pl) for i, n, pl in zip(*(head[k] or [] for k in ("ids", "n", "pl")), strict=True)
+                }
+                seen: dict[str, Session] = {}
+                if head["retried"]:  # a retry of a placement already made: answer it again
+                    seen = {r["request_id"]: Session.from_row(r) for r in await con.fetch(BY_REQUEST, rids)}
                 rows, out, payloads = _Rows(), [], []
                 fresh: dict[str, int] = {}  # request id -> index in out, for duplicates within the batch
                 delta: Counter[int] = Counter()
@@ -237,46 +279,28 @@ class BalancerStore:
                     c = counts.get(winner.id, Counts())
                     counts[winner.id] = Counts(c.sessions + 1, c.placed + 1)
                     delta[winner.id] += 1
-                    rows.add(sid, winner, a.user, a.kind, SessionState.PLACED, request_id=a.request_id)
+                    rows.add(sid, winner, a.user, a.kind, SessionState.PLACED, request_id=a.request_id, place_time=now)
                     name = strategy if a.forced is not None or strategy != "custom" else "sessions"
-                    decision = Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback)
-                    out.append(
-                        Placed(
-                            Session(
-                                sid,
-                                winner.id,
-                                winner.address,
-                                winner.route,
-                                a.user,
-                                a.kind,
-                                SessionState.PLACED,
-                                0,
-                                datetime.min,
-                                None,
-                            ),
-                            decision,
-                        )
+                    session = Session(
+                        sid, winner.id, winner.address, winner.route, a.user, a.kind, SessionState.PLACED, 0, now, None
+                    )
+                    out.append(Placed(session, Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback)))
+                    payloads.append(
+                        (balancer_pb2.SessionPlaced(session=session_to_proto(session), strategy=name), winner.id)
                     )
                     if a.request_id:
                         fresh[a.request_id] = len(out) - 1
-                inserted = {r["id"]: Session.from_row(r) for r in await con.fetch(INSERT_SESSIONS, *rows.cols)}
-                if delta:
-                    await con.execute(ADD_COUNTS, *_count_args(delta, delta))
-                for p in out:
-                    if p.decision is not None:
-                        p.session = inserted[p.session.id]
-                        payloads.append(
-                            (
-                                balancer_pb2.SessionPlaced(
-                                    session=session_to_proto(p.session), strategy=p.decision.strategy
-                                ),
-                                p.session.node_id,
-                            )
-                        )
-                append_ids = iter(await events.append_many(con, payloads))
-                for p in out:
-                    if p.decision is not None:
-                        p.append_id = next(append_ids)
+                if payloads:
+                    kinds, nodes, blobs = _event_columns(payloads)
+                    append_ids = iter(
+                        [
+                            r[0]
+                            for r in await con.fetch(PLACE, *rows.cols, *_count_args(delta, delta), kinds, nodes, blobs)
+                        ]
+                    )
+                    for p in out:
+                        if p.decision is not None:
+                            p.append_id = next(append_ids)
                 return out
 
         out = await retry_serialization(attempt)
@@ -304,10 +328,10 @@ class BalancerStore:
                 session = Session.from_row(
                     await con.fetchrow(START, session_id, pid, node.id, node.address, node.route)
                 )
-                if before.state is SessionState.STARTED and before.node_id == node.id:
+                if before.state is SessionState.STARTED and before.node_id == node.id and before.pid == pid:
                     return session  # a repeated report: nothing changes
                 moves: Counter[int] = Counter({node.id: 1})
-                moves[before.node_id] -= 1
+                moves[before.node_id] -= 1  # nets to nothing for a new pid on the same node
                 placed: Counter[int] = Counter()
                 if before.state is SessionState.PLACED:
                     placed[before.node_id] -= 1

@@ -108,8 +108,9 @@ Global___Session: _TypeAlias = Session  # noqa: Y015
 
 @_typing.final
 class Candidate(_message.Message):
-    """A candidate node of a placement and its score under the strategy (lower wins, except user-hash
-    and custom where the chosen node has the best score; `chosen` marks the winner).
+    """A candidate node of a placement and its score under the strategy: the lowest score wins
+    (user-hash scores 1 minus the user's rendezvous weight); under `custom` the operator's code
+    chooses and the scores are those of `sessions`. `chosen` marks the winner.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
