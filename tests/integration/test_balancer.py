@@ -283,3 +283,39 @@ async def test_a_sigkilled_nodes_sessions_move_once_each_and_the_rest_stay(datab
         finally:
             for agent in agents:
                 agent.stop()
+
+
+async def test_sessions_an_application_reports_to_its_agent_reach_the_balancer(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        agent = AgentProcess([server.address])
+        try:
+            agent.start()
+            async with Cluster.connect(server.address) as c:
+                await _ready(c, 1)
+                placed = await c.place_session("ana", kind="ide")
+                assert placed.node_id == agent.node_id
+                await agent.request({"op": "session_started", "session": placed.session.id, "pid": 4242, "user": "ana"})
+                await agent.request({"op": "session_started", "session": "own-1", "pid": 77, "user": "bo"})
+
+                async def reported() -> bool:
+                    got = {s.id: s for s in await c.list_sessions(node_id=agent.node_id)}
+                    return got.get(placed.session.id, placed.session).state == "STARTED" and "own-1" in got
+
+                await wait_for(reported, timeout=10, what="the agent's reports")
+                sessions = {s.id: s for s in await c.list_sessions()}
+                assert (sessions[placed.session.id].pid, sessions["own-1"].pid, sessions["own-1"].user) == (
+                    4242,
+                    77,
+                    "bo",
+                )
+                status = await c.status()
+                mine = next(n for n in status.nodes if n.node_id == agent.node_id)
+                assert {(s.pid, s.user) for s in mine.sessions} == {(4242, "ana"), (77, "bo")}
+                await agent.request({"op": "session_ended", "session": "own-1"})
+
+                async def ended() -> bool:
+                    return "own-1" not in {s.id for s in await c.list_sessions()}
+
+                await wait_for(ended, timeout=10, what="the end to be reported")
+        finally:
+            agent.stop()
