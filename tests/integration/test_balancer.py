@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import sys
 import time
@@ -194,8 +195,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field(database_url: str)
             assert error_reason(err.value)[0] == "STRATEGY_UNAVAILABLE"
 
 
-async def test_user_hash_keeps_a_user_on_one_node_and_strategy_changes_are_events(database_url: str) -> None:
-    with control_planes(database_url, 1, CALM) as (server,):
+async def test_user_hash_keeps_a_user_on_one_node_and_decisions_are_logged(database_url: str, tmp_path: Path) -> None:
+    diagnostics = tmp_path / "decisions.jsonl"
+    with control_planes(database_url, 1, {**CALM, "MUSTER_BALANCER_DIAGNOSTICS": str(diagnostics)}) as (server,):
         async with Cluster.connect(server.address) as c:
             await _join(c, 4)
             await _ready(c, 4)
@@ -204,6 +206,12 @@ async def test_user_hash_keeps_a_user_on_one_node_and_strategy_changes_are_event
             assert all(len(h) == 1 for h in homes.values()), homes
             status = await c.status()
             assert status.strategy == "user-hash"
+    lines = [json.loads(line) for line in diagnostics.read_text().splitlines()]
+    assert len(lines) == 16 and all(d["strategy"] == "user-hash" for d in lines)
+    first = lines[0]
+    assert first["user"] == "ana" and len(first["candidates"]) == 4
+    best = min(first["candidates"], key=lambda x: x["score"])
+    assert first["winner"] == best["node_id"] and first["session_id"].endswith(f".n{best['node_id']}")
 
 
 CUSTOM_HANGS = "import time; time.sleep(30)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
 from muster.core.errors import FailedPreconditionError, InvalidArgumentError, MusterError, NotFoundError
@@ -39,6 +41,7 @@ class ViewNotReadyError(MusterError):
 
     def __init__(self) -> None:
         super().__init__("the balancer is still loading the cluster's nodes from the registry; retry shortly")
+        self.retry_after = timedelta(milliseconds=100)
 
 
 class SessionNotFoundError(NotFoundError):

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -137,23 +138,25 @@ class CustomStrategy:
         return result
 
     async def _run(self, doc: dict[str, Any]) -> Any:
-        proc = await asyncio.create_subprocess_exec(
-            *shlex.split(self.spec),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        # subprocess.run in a thread, not the loop's subprocess support: uvloop spawns with fork(),
+        # whose handlers gRPC hooks (the child's pipes were found closed under a serving process);
+        # Python's subprocess spawns with vfork/exec. Its own timeout kills the child.
+        def run() -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(  # noqa: S603 - the operator's configured command
+                shlex.split(self.spec),
+                input=json.dumps(doc).encode(),
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+            )
+
         try:
-            out, _ = await proc.communicate(json.dumps(doc).encode())
-        finally:
-            if proc.returncode is None:
-                with contextlib.suppress(Exception):  # it may be exiting by itself right now
-                    proc.kill()
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.wait())
-        if proc.returncode != 0:
-            raise RuntimeError(f"exit status {proc.returncode}")
-        text = out.decode().strip()
+            done = await asyncio.to_thread(run)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError from None
+        if done.returncode != 0:
+            raise RuntimeError(f"exit status {done.returncode}: {done.stderr.decode(errors='replace')[-200:]}")
+        text = done.stdout.decode().strip()
         return json.loads(text) if text.startswith("{") else text
 
 

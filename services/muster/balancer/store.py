@@ -55,15 +55,8 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::te
      AS u(id, node_id, address, route, user_name, kind, state, pid, request_id, place_time, start_time, moved_from)
 RETURNING *
 """
-# The placement lock, and what a batch's decisions need, in one round trip.
-PLACEMENT_LOCK = """
-WITH lock AS (SELECT strategy FROM balancer.settings WHERE id = 1 FOR UPDATE)
-SELECT (SELECT strategy FROM lock) AS strategy, now() AS now,
-       (SELECT array_agg(node_id) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS ids,
-       (SELECT array_agg(sessions) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS n,
-       (SELECT array_agg(placed) FROM balancer.node_counts WHERE node_id = ANY($1::bigint[])) AS pl,
-       EXISTS (SELECT 1 FROM balancer.sessions s WHERE s.request_id = ANY($2::text[])) AS retried
-"""
+# The placement lock, and then what a batch's decisions need, in one round trip (see the SQL function).
+PLACEMENT_LOCK = "SELECT * FROM balancer.lock_for_placement($1::bigint[], $2::text[])"
 # The sessions, the counts and the events of a batch, in one statement.
 PLACE = """
 WITH ins AS (

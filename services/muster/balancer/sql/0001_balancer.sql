@@ -41,3 +41,18 @@ CREATE TABLE balancer.moves (
     new_id text NOT NULL,
     move_time timestamptz NOT NULL DEFAULT now()
 );
+
+-- Takes the placement lock, then reads what a batch's decisions need. A function, so that the
+-- reads run after the lock is granted, each with a fresh snapshot (READ COMMITTED): one statement
+-- would read with the snapshot it started with, before the lock, and miss the batch that held it.
+CREATE FUNCTION balancer.lock_for_placement(node_ids bigint[], request_ids text[],
+    OUT strategy text, OUT now timestamptz, OUT ids bigint[], OUT n integer[], OUT pl integer[], OUT retried boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    SELECT s.strategy INTO strategy FROM balancer.settings s WHERE s.id = 1 FOR UPDATE;
+    now := now();
+    SELECT array_agg(c.node_id), array_agg(c.sessions), array_agg(c.placed) INTO ids, n, pl
+    FROM balancer.node_counts c WHERE c.node_id = ANY(node_ids);
+    retried := EXISTS (SELECT 1 FROM balancer.sessions x WHERE x.request_id = ANY(request_ids));
+END
+$$;
