@@ -107,7 +107,7 @@ ORDER BY node_id, place_time, id LIMIT $5
 ALL_SESSIONS = "SELECT * FROM balancer.sessions ORDER BY node_id, place_time, id"
 EXPIRE_PLACED = """
 DELETE FROM balancer.sessions WHERE id IN (
-    SELECT id FROM balancer.sessions WHERE state = 1 AND moved_from = '' AND place_time < now() - $1::interval
+    SELECT id FROM balancer.sessions WHERE state = 1 AND place_time < now() - $1::interval
     ORDER BY place_time LIMIT 1000 FOR UPDATE SKIP LOCKED
 ) RETURNING id, node_id
 """
