@@ -208,6 +208,7 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
                 ("registry", 2),
                 ("locks", 1),
                 ("keys", 1),
+                ("balancer", 1),
             }
             assert all(r["n"] == 1 for r in rows)
         finally:
