@@ -252,6 +252,9 @@ async def _main(config: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    from muster.client._telemetry import setup_tracing
+
+    tracing = setup_tracing("muster-agent")
     try:
         async with Cluster.connect(config.addresses) as cluster:
             await Agent(cluster, config).run(stop)
@@ -277,6 +280,8 @@ async def _main(config: AgentConfig) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if tracing is not None:
+            tracing.shutdown()  # flushes the last spans
     return 0
 
 

@@ -29,6 +29,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from muster.client import keyfiles
 from muster.client._address import ResolvedAddress, resolve_node_address
 from muster.client._cluster import Cluster
@@ -51,6 +53,7 @@ from muster.client.errors import (
 )
 
 log = logging.getLogger(__name__)
+_TRACER = trace.get_tracer("muster.agent")
 
 NODE_FILE = "node.json"
 AGENT_SOCKET = "agent.sock"
@@ -560,8 +563,8 @@ class Agent:
                     await self._join(cluster, refused=True)  # records the refusal on the node
                 raise
             break
-        self._keys = done
-        if done.changed:
+        first, self._keys = self._keys is None, done
+        if done.changed or first:
             log.info(
                 "keys %s: active version %s%s%s%s",
                 done.action,
@@ -591,15 +594,16 @@ class Agent:
             paths = self.config.key_paths
             local = await asyncio.to_thread(keyfiles.check, paths) if paths is not None else None
             try:
-                lease = await cluster.join_node(
-                    resolved.host,
-                    resolved.port,
-                    ipv4=resolved.ipv4,
-                    labels=dict(self.config.labels),
-                    load=self._load(),
-                    request_id=request_id,
-                    keys=local,
-                )
+                with _TRACER.start_as_current_span("muster.agent.join", attributes={"muster.address": resolved.host}):
+                    lease = await cluster.join_node(
+                        resolved.host,
+                        resolved.port,
+                        ipv4=resolved.ipv4,
+                        labels=dict(self.config.labels),
+                        load=self._load(),
+                        request_id=request_id,
+                        keys=local,
+                    )
             except _TRANSIENT as exc:
                 self._failing(exc)
                 await asyncio.sleep(self._backoff(attempt))

@@ -8,28 +8,32 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from opentelemetry import propagate
 
 from muster.client._config import ClientConfig
 
 
-class _Authorized:
-    """A stub whose every call carries ``authorization: Bearer <token>`` (TLS or not).
+class _Stub:
+    """A stub whose every call carries ``authorization: Bearer <token>`` (TLS or not) and the
+    caller's W3C trace context (``traceparent``), so that a trace continues on the server.
 
     Passed as call metadata rather than by a client interceptor: grpc.aio (1.85) drops the metadata
     an interceptor adds to response-streaming calls (WatchEvents, KeepAlive, Session went out
     without the token).
     """
 
-    def __init__(self, stub: Any, token: str) -> None:
+    def __init__(self, stub: Any, token: str | None) -> None:
         self._stub = stub
-        self._header = ("authorization", f"Bearer {token}")
+        self._headers: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
-        header = self._header
+        headers = self._headers
 
         def call(*args: Any, metadata: Any = None, **kwargs: Any) -> Any:
-            return method(*args, metadata=(*(metadata or ()), header), **kwargs)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # nothing unless a span is current
+            return method(*args, metadata=(*(metadata or ()), *headers, *carrier.items()), **kwargs)
 
         return call
 
@@ -84,8 +88,7 @@ class Endpoint:
         address = self.address
         if address not in self._stubs:
             self._channels[address] = open_channel(address, self._config)
-            stub = self._factory(self._channels[address])
-            self._stubs[address] = _Authorized(stub, self._config.token) if self._config.token else stub
+            self._stubs[address] = _Stub(self._factory(self._channels[address]), self._config.token)
         return self._stubs[address]
 
     def fail_over(self) -> None:

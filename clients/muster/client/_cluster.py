@@ -9,6 +9,8 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from muster.api.balancer.v1 import balancer_service_pb2_grpc
 from muster.api.keys.v1 import keys_service_pb2_grpc
@@ -38,6 +40,7 @@ from muster.client._models import (
 from muster.client.errors import MusterError, NotFoundError, from_rpc_error
 
 T = TypeVar("T")
+_TRACER = trace.get_tracer("muster.client")
 
 # Server-side CANCELLED (a replica shutting down) and UNAVAILABLE: try again, on another replica.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
@@ -103,6 +106,12 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
 
     async def _call(
         self, endpoint: Endpoint, method: str, request: Any, *, retry: bool, timeout: timedelta | None = None
+    ) -> Any:
+        with _TRACER.start_as_current_span(method, kind=SpanKind.CLIENT, attributes={"rpc.method": method}):
+            return await self._attempts(endpoint, method, request, retry=retry, timeout=timeout)
+
+    async def _attempts(
+        self, endpoint: Endpoint, method: str, request: Any, *, retry: bool, timeout: timedelta | None
     ) -> Any:
         attempt = 0
         deadline = (timeout or self.config.deadline).total_seconds()

@@ -30,7 +30,7 @@ from muster.balancer.models import (
     verify_session_id,
 )
 from muster.balancer.store import Ask, session_to_proto
-from muster.core import validate
+from muster.core import telemetry, validate
 from muster.core.errors import InvalidArgumentError, translate_errors
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
             decision = placed.decision or Decision(
                 next((n for n in candidates if n.id == session.node_id), candidates[0]), (), (), strategy
             )
+        telemetry.annotate(strategy=decision.strategy, node_id=session.node_id, candidates=len(decision.scored))
         if c.diagnostics is not None and placed_decision(decision):
             c.diagnostics.record(user, kind, labels, decision, session.id, request.dry_run)
         return pb.PlaceSessionResponse(

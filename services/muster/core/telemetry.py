@@ -20,20 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+
+from muster.client._telemetry import tracing_requested
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Tracing", "TracingInterceptor", "setup_tracing", "tracing_requested", "annotate"]
+
 UNTRACED = ("/grpc.health.", "/grpc.reflection.")
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
-
-
-def tracing_requested(env: dict[str, str] | None = None) -> bool:
-    """Whether the ``OTEL_*`` variables ask for traces."""
-    env = dict(os.environ) if env is None else env
-    exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter == "none" or env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    return bool(exporter or env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 @dataclass
@@ -187,3 +183,11 @@ def setup_tracing(service_name: str, *, exporter: Any = None) -> Tracing | None:
         instrumentor.instrument(tracer_provider=provider)
     log.info("tracing on as service %s", name, extra={"event": "tracing_on"})
     return Tracing(provider)
+
+
+def annotate(**attributes: str | int | float | bool) -> None:
+    """Adds attributes (node id, lock name, strategy…) to the current span; nothing when not tracing.
+    Never pass a key or a token."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attributes({f"muster.{k}": v for k, v in attributes.items()})

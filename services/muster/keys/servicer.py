@@ -12,7 +12,7 @@ import grpc
 
 from muster.api.keys.v1 import key_pb2, keys_service_pb2_grpc
 from muster.api.keys.v1 import keys_service_pb2 as pb
-from muster.core import validate
+from muster.core import telemetry, validate
 from muster.core.errors import InvalidArgumentError, translate_errors
 from muster.keys import crypto
 from muster.keys.errors import LauncherKeyUnreadableError
@@ -120,6 +120,7 @@ class KeysServicer(keys_service_pb2_grpc.KeysServiceServicer):
     async def FetchKeys(self, request: pb.FetchKeysRequest, context: grpc.aio.ServicerContext) -> pb.FetchKeysResponse:
         node_id = _node("node_id", request.node_id, allow_zero=False)
         version = _version("version", request.version, allow_zero=True)
+        telemetry.annotate(node_id=node_id, key_version=version)
         m = await self._store.fetch(node_id, version, context.peer() or "")
         return pb.FetchKeysResponse(
             keys=key_pb2.KeyMaterial(

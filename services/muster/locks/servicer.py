@@ -11,7 +11,7 @@ import grpc
 
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.api.locks.v1 import locks_service_pb2_grpc
-from muster.core import validate
+from muster.core import telemetry, validate
 from muster.core.errors import InvalidArgumentError, abort_with, to_status, translate, translate_errors
 from muster.locks import convert
 from muster.locks.models import Mode
@@ -73,6 +73,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
 
     @translate_errors
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
+        telemetry.annotate(lock=request.name[:200], node_id=request.node_id)
         return await self._acquire(request, context)
 
     async def _keep_alive(self, req: pb.KeepAliveRequest, prefix: str = "") -> pb.KeepAliveResponse:

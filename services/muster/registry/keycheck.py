@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+from opentelemetry import propagate
 
 from muster.api.keys.v1 import key_pb2, keys_service_pb2, keys_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
@@ -136,8 +137,10 @@ class RemoteKeyChecker:
         req = keys_service_pb2.VerifyKeysRequest(
             node_id=node_id, fingerprints=key_pb2.KeyFingerprints(secure_cookie_key=cookie, launcher_key=launcher)
         )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the join's trace continues in the keys service
         try:
-            await self._stub.VerifyKeys(req, metadata=self._metadata, timeout=self._timeout)
+            await self._stub.VerifyKeys(req, metadata=(*self._metadata, *carrier.items()), timeout=self._timeout)
         except grpc.aio.AioRpcError as err:
             answer = from_rpc_error(err)
             if err.code() == grpc.StatusCode.FAILED_PRECONDITION and answer.reason in _MISMATCH_REASONS:

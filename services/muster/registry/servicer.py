@@ -8,7 +8,7 @@ import grpc
 
 from muster.api.registry.v1 import node_pb2, registry_service_pb2_grpc
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.core import validate
+from muster.core import telemetry, validate
 from muster.core.errors import abort_with, translate, translate_errors
 from muster.core.events import EventBus
 from muster.core.watch import Streams, WatchLimits, run_watch
@@ -69,6 +69,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
             refusal=refusal,
         )
         assert written.node is not None
+        telemetry.annotate(node_id=written.node.id, address=written.node.address)
         resp = pb.JoinNodeResponse(
             node=convert.node_to_proto(written.node),
             revision=await self._revision(written.append_id, request.wait_for_revision),
