@@ -131,7 +131,7 @@ def up(
         tls_key_file=tls_key_file,
         tls_client_ca_file=tls_client_ca_file,
     )
-    server.configure_logging(settings.log_level)
+    server.configure_logging(settings.log_level, settings.log_format)
     _check_security(settings)
     if settings.master_key is None and settings.master_key_file is None:
         from muster.keys.crypto import ensure_master_key
@@ -208,7 +208,7 @@ def serve(
         tls_key_file=tls_key_file,
         tls_client_ca_file=tls_client_ca_file,
     )
-    server.configure_logging(settings.log_level)
+    server.configure_logging(settings.log_level, settings.log_format)
     _check_security(settings)
     if settings.database_url is None:
         typer.echo(
@@ -229,7 +229,7 @@ def migrate(config_file: ConfigOpt = None) -> None:
     """Apply pending database migrations of every service (safe to run from many processes at once)."""
     uvloop, config, server = _server_imports()
     settings = _settings(config, config_file=config_file)
-    server.configure_logging(settings.log_level)
+    server.configure_logging(settings.log_level, settings.log_format)
     if settings.database_url is None:
         typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… to migrate", err=True)
         raise typer.Exit(2)

@@ -30,7 +30,7 @@ from muster.balancer.models import (
     verify_session_id,
 )
 from muster.balancer.store import Ask, session_to_proto
-from muster.core import telemetry, validate
+from muster.core import metrics, telemetry, validate
 from muster.core.errors import InvalidArgumentError, translate_errors
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         else:
             placed = await c.placer.place(Ask(user, kind, request_id, candidates, excluded, forced, fallback))
             session, append_id = placed.session, placed.append_id
+            if placed.decision is not None:
+                metrics.placements.add(1, {"strategy": placed.decision.strategy})
             decision = placed.decision or Decision(
                 next((n for n in candidates if n.id == session.node_id), candidates[0]), (), (), strategy
             )

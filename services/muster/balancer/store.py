@@ -34,7 +34,7 @@ from muster.balancer.models import (
     new_session_id,
     rank,
 )
-from muster.core import events
+from muster.core import events, metrics
 from muster.core.db import retry_serialization
 
 log = logging.getLogger(__name__)
@@ -465,6 +465,7 @@ class BalancerStore:
             moved += n
             self._numberer.kick()
         if moved:
+            metrics.sessions_moved.add(moved)
             log.info(
                 "moved %d sessions off node %s",
                 moved,

@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(20, ge=1)
     database_wait: timedelta = Field(timedelta(seconds=60), description="How long start waits for the database.")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_format: str = Field("text", description="text, or json (one object per line, with trace and span ids).")
+    metrics_listen: str | None = Field(None, description="host:port to serve Prometheus metrics on (/metrics).")
     embedded_fsync: bool = Field(True, description="fsync in the embedded database (turn off only for tests).")
     # Authentication and TLS (muster.core.auth): tokens by variable, TOML or 0600 file; never by flag.
     node_token: SecretStr | None = Field(None, description="Token nodes present (joins, heartbeats, key fetch).")
@@ -173,6 +175,13 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return None if value is None else parse_duration(value)
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
+        return value
 
     @model_validator(mode="after")
     def _timing_is_sane(self) -> Settings:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from muster.core import auth, clock, db, events, migrate, telemetry
+from muster.core import auth, clock, db, events, metrics, migrate, telemetry
 from muster.core.config import Settings
 from muster.core.watch import Streams
 
@@ -178,6 +178,7 @@ async def serve(
     own_tracing = tracing is None
     if tracing is None:
         tracing = telemetry.setup_tracing("muster-" + "-".join(components))
+    meters = metrics.setup_metrics("muster-" + "-".join(components), settings.metrics_listen)
     applied = await run_migrations(dsn, components, wait=settings.database_wait.total_seconds())
     if applied:
         log.info("applied %d migrations", len(applied), extra={"event": "migrated"})
@@ -190,7 +191,14 @@ async def serve(
     bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)
     health_servicer = health.aio.HealthServicer()
     runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer, security)
-    interceptors = [*(tracing.server_interceptors() if tracing else []), *security.interceptors()]
+    observed: list[Any] = []
+    if tracing is not None:
+        observed = tracing.server_interceptors()
+    elif meters is not None:
+        observed = [telemetry.TracingInterceptor(None)]  # durations and statuses, no spans
+    interceptors = [*observed, *security.interceptors()]
+    if meters is not None:
+        _gauges(runtime)
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
     instances = [cls(runtime) for cls in classes]
     runtime.components.update(zip(components, instances, strict=True))
@@ -235,6 +243,21 @@ async def serve(
             loop.remove_signal_handler(sig)
         if own_tracing and tracing is not None:
             tracing.shutdown()
+        if meters is not None:
+            meters.shutdown()
+
+
+def _gauges(runtime: Runtime) -> None:
+    """The gauges read at each scrape: pool use, open watch streams, the event head."""
+    pool = runtime.pool
+
+    def pool_use() -> list[tuple[float, dict[str, str]]]:
+        idle = pool.get_idle_size()
+        return [(pool.get_size() - idle, {"state": "in_use"}), (idle, {"state": "idle"})]
+
+    metrics.observe("muster.db.pool.connections", "Database connections of this process", pool_use)
+    metrics.observe("muster.watch.streams", "Open watch streams", lambda: [(runtime.streams.count, {})])
+    metrics.observe("muster.events.head_revision", "The newest revision seen", lambda: [(runtime.bus.head, {})])
 
 
 async def _shutdown(runtime: Runtime, server: grpc.aio.Server, instances: list[Any]) -> None:
@@ -258,11 +281,46 @@ async def _shutdown(runtime: Runtime, server: grpc.aio.Server, instances: list[A
         runtime.pool.terminate()
 
 
-def configure_logging(level: str) -> None:
-    """Plain structured-ish lines on stderr (JSON logs with trace ids come with the telemetry work)."""
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """Logs on stderr: ``text`` lines, or ``json`` — one object per line with the time, level,
+    logger, message, the record's structured fields (``event``, ``node``…) and, inside a traced
+    RPC, its ``trace_id`` and ``span_id``."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
     logging.getLogger("asyncpg").setLevel(logging.ERROR)
+
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, with the current span's trace and span ids."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import UTC, datetime
+
+        from opentelemetry import trace
+
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            out["trace_id"] = f"{ctx.trace_id:032x}"
+            out["span_id"] = f"{ctx.span_id:016x}"
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                out[key] = value if isinstance(value, str | int | float | bool) or value is None else str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)

@@ -12,9 +12,11 @@ secret is passed to SQL as a parameter.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ import grpc
 from opentelemetry import trace
 
 from muster.client._telemetry import tracing_requested
+from muster.core import metrics
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ class Tracing:
 
 
 class TracingInterceptor(grpc.aio.ServerInterceptor):
-    """A SERVER span per RPC, child of the caller's W3C trace context (``traceparent`` metadata).
+    """A SERVER span per RPC (with a tracer), child of the caller's W3C trace context
+    (``traceparent`` metadata), and the RPC's duration and status in ``muster.rpc.duration``.
 
     OpenTelemetry's own aio interceptor supports only async-generator streaming handlers; ours
     (WatchEvents, KeepAlive, Session) write with ``context.write``, so this one wraps both shapes.
@@ -60,7 +64,7 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
     never a request or response.
     """
 
-    def __init__(self, tracer: Any) -> None:
+    def __init__(self, tracer: Any | None) -> None:
         self._tracer = tracer
 
     async def intercept_service(
@@ -81,6 +85,8 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             from opentelemetry import propagate
             from opentelemetry.trace import SpanKind
 
+            if self._tracer is None:
+                return contextlib.nullcontext(None)
             return self._tracer.start_as_current_span(
                 name,
                 context=propagate.extract(carrier),
@@ -94,21 +100,23 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
             if streaming_response and inspect.isasyncgenfunction(behavior):
 
                 async def traced_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    began = time.monotonic()
                     with start() as span:
                         try:
                             async for response in behavior(request, context):
                                 yield response
                         finally:
-                            _finish(span, context)
+                            _finish(span, context, rpc, began)
 
                 return traced_stream
 
             async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                began = time.monotonic()
                 with start() as span:
                     try:
                         return await behavior(request, context)
                     finally:
-                        _finish(span, context)
+                        _finish(span, context, rpc, began)
 
             return traced
 
@@ -129,13 +137,18 @@ class TracingInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def _finish(span: Any, context: grpc.aio.ServicerContext) -> None:
+def _finish(span: Any, context: grpc.aio.ServicerContext, method: str, began: float) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     code = context.code()
     if isinstance(code, int):
         code = _CODES.get(code)
     code = code or grpc.StatusCode.OK
+    metrics.rpc_duration.record(
+        1000 * (time.monotonic() - began), {"rpc.method": method, "rpc.grpc.status_code": code.name}
+    )
+    if span is None:
+        return
     span.set_attribute("rpc.grpc.status_code", code.value[0])
     if code is not grpc.StatusCode.OK:
         details = context.details()

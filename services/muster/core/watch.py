@@ -18,6 +18,7 @@ from datetime import timedelta
 import grpc
 
 from muster.api.registry.v1 import registry_service_pb2 as pb
+from muster.core import metrics
 from muster.core.errors import FailedPreconditionError, InvalidArgumentError, ShuttingDownError, SlowConsumerError
 from muster.core.events import EventBus, StoredEvent
 
@@ -147,6 +148,8 @@ async def run_watch(
                     through = chunk[-1].revision if chunk[-1] is not wanted[-1] else events[-1].revision
                     batch = pb.EventBatch(events=[e.proto for e in chunk])
                     await send(pb.WatchEventsResponse(through_revision=through, events=batch))
+                    metrics.watch_messages.add(1)
+                    metrics.watch_lag.record(max(0, bus.head - through))
                     last_sent = time.monotonic()
                 cursor = events[-1].revision
                 # Cut a stream that falls further behind, not one catching up from history.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ import grpc
 
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.api.locks.v1 import locks_service_pb2_grpc
-from muster.core import telemetry, validate
+from muster.core import metrics, telemetry, validate
 from muster.core.errors import InvalidArgumentError, abort_with, to_status, translate, translate_errors
 from muster.locks import convert
 from muster.locks.models import Mode
@@ -57,6 +58,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
         mode = validate.enum_value(prefix + "mode", req.mode, _MODES)
         if req.node_id < 0:
             raise InvalidArgumentError(prefix + "node_id", "must be 0 or a node id")
+        began = time.monotonic()
         acquired = await self._store.acquire(
             name,
             ttl=ttl,
@@ -67,6 +69,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
             request_id=validate.request_id(prefix + "request_id", req.request_id),
         )
         hold = acquired.hold or await self._store.wait_for_grant(name, acquired.waiter_id, acquired.deadline)
+        metrics.lock_wait.record(1000 * (time.monotonic() - began))
         resp = pb.AcquireResponse(lease=convert.hold_to_proto(hold))
         resp.server_time.FromDatetime(hold.grant_time)
         return resp

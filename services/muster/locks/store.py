@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from muster.api.locks.v1 import lock_pb2
-from muster.core import clock, events
+from muster.core import clock, events, metrics
 from muster.core.db import retry_serialization
 from muster.core.errors import InvalidArgumentError, NotFoundError
 from muster.locks import convert
@@ -423,6 +423,7 @@ class LockStore:
                         extra={"event": "lock_released", "lock": hold.name},
                     )
                 await self._settle(con, hold.name, row["fence"], row["now"])
+                metrics.lock_hold.record(1000 * (row["now"] - hold.grant_time).total_seconds())
                 return True
 
         done = await retry_serialization(attempt)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import timedelta
 
+from muster.core import metrics
 from muster.registry.models import HeartbeatResult, Load
 from muster.registry.store import RegistryStore
 
@@ -29,6 +31,8 @@ class HeartbeatBatcher:
     async def heartbeat(self, node_id: int, lease_id: int, load: Load) -> HeartbeatResult:
         """Renews one lease (batched with others); raises the node's domain error."""
         fut: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
+        began = time.monotonic()
+        fut.add_done_callback(lambda _: metrics.heartbeat_commit.record(1000 * (time.monotonic() - began)))
         self._queue.append((node_id, lease_id, load, fut))
         if len(self._queue) >= _MAX_BATCH:
             self._flush_now.set()

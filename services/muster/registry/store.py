@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import asyncpg
 
 from muster.api.registry.v1 import node_pb2
-from muster.core import clock, events
+from muster.core import clock, events, metrics
 from muster.core.db import retry_serialization
 from muster.registry import convert
 from muster.registry.errors import (
@@ -69,9 +69,10 @@ UPDATE registry.nodes n SET
     last_seen_time = now(), check_in_deadline = now() + $8::interval, lease_expire_time = now() + $9::interval,
     load1 = u.l1, load5 = u.l5, load15 = u.l15, cpu_count = u.cpus, session_count = u.sessions
 FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::float8[], $5::float8[], $6::int[], $7::int[])
-    AS u(id, lease_id, l1, l5, l15, cpus, sessions)
-WHERE n.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
-RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now
+    AS u(id, lease_id, l1, l5, l15, cpus, sessions),
+    registry.nodes prev  -- the row as it was: the previous heartbeat's time, for the gap metric
+WHERE n.id = u.id AND prev.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
+RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now, extract(epoch FROM now() - prev.last_seen_time) AS gap
 """
 NODES_BY_IDS = "SELECT id, lease_id, state, state_reason FROM registry.nodes WHERE id = ANY($1::bigint[])"
 SET_STATE = """
@@ -318,6 +319,9 @@ class RegistryStore:
                 return await con.fetch(HEARTBEAT_BATCH, *args)
 
         rows = await retry_serialization(attempt)
+        metrics.heartbeats.add(len(rows))
+        for r in rows:
+            metrics.heartbeat_gap.record(float(r["gap"]))
         out: dict[tuple[int, int], HeartbeatResult | Exception] = {
             (r["id"], r["lease_id"]): HeartbeatResult(r["lease_expire_time"], r["now"]) for r in rows
         }
