@@ -594,7 +594,7 @@ def _balancer_ready(address: str, nodes: int) -> None:
 
 
 def placements(opts: Options) -> None:
-    """PlaceSession (reserving) through one balancer replica over 10 nodes, strategy sessions, at concurrency 64."""
+    """PlaceSession (reserving) through one balancer replica over 100 nodes, strategy sessions, at concurrency 64."""
     import base64
 
     env = {
@@ -605,7 +605,7 @@ def placements(opts: Options) -> None:
         "MUSTER_LEASE_TTL": "1h",
     }
     with control_plane(1, fsync=opts.fsync, env=env, service="registry,keys,balancer") as cluster:
-        _balancer_ready(cluster.addresses[0], 10)
+        _balancer_ready(cluster.addresses[0], 100)
         runs, lats = [], []
         for _ in range(opts.runs):
             args = [(cluster.addresses[0], n, opts.seconds) for n in _split(opts.concurrency, 2)]
@@ -613,6 +613,123 @@ def placements(opts: Options) -> None:
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
         _report(f"placements c={opts.concurrency}", "placements/s", runs, lats)
+
+
+def _fanout_client(address: str, streams: int, seconds: float, start_at: float) -> dict[int, float]:
+    """Opens ``streams`` watch streams; returns, per revision, when the last of them received it."""
+
+    async def main() -> dict[int, float]:
+        import grpc
+
+        from muster.api.registry.v1 import registry_service_pb2 as pb
+        from muster.api.registry.v1 import registry_service_pb2_grpc as g
+
+        last: dict[int, float] = {}
+        seen: dict[int, int] = {}
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = g.RegistryServiceStub(ch)
+            await ch.channel_ready()
+            head = (await stub.GetCluster(pb.GetClusterRequest())).head_revision
+            end = start_at + seconds
+
+            async def follow() -> None:
+                call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=head))
+                try:
+                    while time.monotonic() < end:
+                        try:
+                            msg = await asyncio.wait_for(call.read(), max(0.1, end - time.monotonic()))
+                        except TimeoutError:
+                            break
+                        if msg is grpc.aio.EOF:
+                            break
+                        now = time.monotonic()
+                        for ev in msg.events.events:
+                            seen[ev.revision] = seen.get(ev.revision, 0) + 1
+                            if seen[ev.revision] == streams:
+                                last[ev.revision] = now
+                finally:
+                    call.cancel()
+
+            await asyncio.gather(*(follow() for _ in range(streams)))
+        return last
+
+    return _loop_run(main())
+
+
+def _fanout_writer(address: str, changes: int, start_at: float) -> list[tuple[int, float]]:
+    async def main() -> list[tuple[int, float]]:
+        from muster.client import Cluster, NodeMode
+
+        out = []
+        async with Cluster.connect(address) as c:
+            node = (await c.join_node("fanout.test", 8787)).node_id
+            await _sleep_until(start_at + 2.0)  # every stream is open by then
+            for i in range(changes):
+                sent = time.monotonic()
+                changed = await c.set_node_mode(
+                    node, NodeMode.DRAINING if i % 2 == 0 else NodeMode.ACTIVE, wait_for_revision=True
+                )
+                del changed
+                head = (await c.get_cluster()).head_revision
+                out.append((head, sent))
+                await asyncio.sleep(0.2)
+        return out
+
+    return asyncio.run(main())
+
+
+def fanout(opts: Options) -> None:
+    """Event fan-out: a state change reaching all of N = 1, 100, 1,000 watchers (until the last has it)."""
+    changes = 5 if opts.quick else 20
+    with control_plane(1, fsync=opts.fsync) as cluster:
+        address = cluster.addresses[0]
+        for n in (1, 100) if opts.quick else (1, 100, 1000):
+            seconds = 3.0 + changes * 0.3 + 2.0
+            ctx = multiprocessing.get_context("spawn")
+            start_at = time.monotonic() + 4.0
+            parts = _split(n, 2) if n > 1 else [1]
+            with ctx.Pool(len(parts) + 1) as pool:
+                watchers = [pool.apply_async(_fanout_client, (address, k, seconds, start_at)) for k in parts]
+                writer = pool.apply_async(_fanout_writer, (address, changes, start_at))
+                sent = writer.get(timeout=600)
+                received = [w.get(timeout=600) for w in watchers]
+            delays = []
+            for revision, at in sent:
+                arrivals = [r.get(revision) for r in received]
+                if all(a is not None for a in arrivals):
+                    delays.append(max(arrivals) - at)  # type: ignore[type-var,operator]
+            if not delays:
+                print(f"fanout watchers={n}: no change reached every watcher", flush=True)
+                continue
+            _report(f"fanout watchers={n}", "changes", [len(delays)], delays)
+
+
+def _list_client(address: str, start_at: float) -> Result:
+    async def main() -> Result:
+        from muster.client import Cluster
+
+        async with Cluster.connect(address) as c:
+            await _sleep_until(start_at)
+            lat = []
+            t0 = time.monotonic()
+            for _ in range(5):
+                s = time.monotonic()
+                listed = await c.list_nodes()
+                lat.append(time.monotonic() - s)
+            return Result(len(listed.nodes), time.monotonic() - t0, lat)
+
+    return _loop_run(main())
+
+
+def list_nodes(opts: Options) -> None:
+    """ListNodes of every node (all pages of 1,000) with 10,000 nodes joined."""
+    total = 1_000 if opts.quick else 10_000
+    with control_plane(1, fsync=opts.fsync) as cluster:
+        _join_all(cluster.addresses[0], total, "ln")
+        result = _run_clients(_list_client, [(cluster.addresses[0],)])[0]
+        _report(
+            f"list-nodes nodes={result.count}", "lists/s", [len(result.latencies) / result.elapsed], result.latencies
+        )
 
 
 ALL: dict[str, Callable[[Options], None]] = {
@@ -625,4 +742,6 @@ ALL: dict[str, Callable[[Options], None]] = {
     "locks": locks,
     "locks-contended": locks_contended,
     "placements": placements,
+    "fanout": fanout,
+    "list-nodes": list_nodes,
 }
