@@ -327,3 +327,18 @@ async def test_sessions_an_application_reports_to_its_agent_reach_the_balancer(d
                 await wait_for(ended, timeout=10, what="the end to be reported")
         finally:
             agent.stop()
+
+
+async def test_a_server_with_every_service_stops_promptly_right_after_starting(database_url: str) -> None:
+    """Regression: the balancer's node view could swallow its cancellation (asyncio.wait_for racing a
+    read) and keep the process alive for ever after SIGTERM."""
+    for _ in range(3):
+        server = ServerProcess(database_url, ["registry,keys,balancer,locks"], env=KEY).start()
+        try:
+            async with Cluster.connect(server.address) as c:
+                await c.join_node("prompt.test", 8787)
+            started = time.monotonic()
+            code = server.terminate(timeout=20)
+            assert code == 0 and time.monotonic() - started < 8, (code, time.monotonic() - started)
+        finally:
+            server.stop()

@@ -97,6 +97,7 @@ class Watch:
         self._last_ok = time.monotonic()
         self.reconnects = 0
         self.head_revision = 0
+        self._stopped = False
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -124,7 +125,7 @@ class Watch:
         self.close()
 
     def close(self) -> None:
-        """Ends the stream."""
+        """Ends the stream (a later read starts another; see :meth:`stop`)."""
         if self._call is not None:
             self._call.cancel()
             self._call = None
@@ -147,14 +148,24 @@ class Watch:
             ),
         )
 
+    def stop(self) -> None:
+        """Ends the stream for good: the iteration ends with CancelledError."""
+        self._stopped = True
+        self.close()
+
     async def _next_message(self) -> pb.WatchEventsResponse:
         attempt = 0
         silent_after = 2 * self._interval.total_seconds() + 1
         while True:
+            if self._stopped:
+                raise asyncio.CancelledError()
             if self._call is None:
                 self._call = self._endpoint.stub().WatchEvents(self._request())
             try:
-                msg = await asyncio.wait_for(self._call.read(), silent_after)
+                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow the caller's cancellation
+                # when the read completes at the same moment, and the stream then never stops.
+                async with asyncio.timeout(silent_after):
+                    msg = await self._call.read()
             except TimeoutError:
                 # Silence beyond two progress intervals: the stream is suspect; start another.
                 self._lost(None)
@@ -324,11 +335,11 @@ class ClusterView:
 
     async def stop(self) -> None:
         """Stops following."""
+        self._watch.stop()  # even if a cancellation below is swallowed somewhere, the loop ends
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._watch.close()
 
     async def _run(self) -> None:
         try:

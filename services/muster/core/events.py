@@ -298,7 +298,8 @@ class EventBus:
         if self._wake is None:
             self._wake = asyncio.get_running_loop().create_future()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._wake), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation
+                await asyncio.shield(self._wake)
 
     def wake_streams(self) -> None:
         """Wakes every waiting stream (shutdown)."""

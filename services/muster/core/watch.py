@@ -115,7 +115,8 @@ async def run_watch(
 
     async def send(msg: pb.WatchEventsResponse) -> None:
         try:
-            await asyncio.wait_for(context.write(msg), write_timeout)
+            async with asyncio.timeout(write_timeout):  # not wait_for: it can swallow a cancellation
+                await context.write(msg)
         except TimeoutError:
             raise SlowConsumerError(cursor, bus.head - cursor, _retry_after()) from None
 

@@ -347,7 +347,8 @@ class LockStore:
                 if remaining <= 0:
                     break
                 try:
-                    await asyncio.wait_for(fut, min(remaining, poll))
+                    async with asyncio.timeout(min(remaining, poll)):  # (wait_for can swallow a cancel)
+                        await fut
                 except TimeoutError:
                     pass
             hold = await asyncio.shield(self._abandon(waiter_id, keep_grant=True))
