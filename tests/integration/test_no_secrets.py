@@ -164,6 +164,8 @@ async def test_no_key_or_token_reaches_logs_spans_events_or_errors(
     assert refused and all(s.status.description for s in refused)
     assert any("db.statement" in (s.attributes or {}) for s in spans)
     assert not any("grpc.health" in n for n in names)
+    # Background SQL (reaper, clock, health) makes no one-span traces: SQL spans all have a parent.
+    assert not [s.name for s in spans if s.parent is None and any(k.startswith("db.") for k in s.attributes or {})]
     span_text = "\n".join(_span_text(s) for s in spans)
     log_text = "\n".join(records.lines)
     assert "DEBUG" in log_text and len(records.lines) > 20  # logging really ran at DEBUG

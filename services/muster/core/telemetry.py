@@ -172,6 +172,26 @@ def _exporters(names: str) -> list[Any]:
     return out
 
 
+def _sampler() -> Any:
+    """Follows the caller's sampling decision; a root span is kept unless it is a lone SQL statement
+    (the background loops — reaper, clock, health — would each make a one-span trace a second)."""
+    from opentelemetry.sdk.trace.sampling import Decision, ParentBased, Sampler, SamplingResult
+    from opentelemetry.trace import SpanKind
+
+    class NoLoneSql(Sampler):
+        def should_sample(
+            self, parent_context, trace_id, name, kind=None, attributes=None, links=None, trace_state=None
+        ):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201, E501
+            if kind == SpanKind.CLIENT and attributes and any(k.startswith("db.") for k in attributes):
+                return SamplingResult(Decision.DROP)
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+        def get_description(self) -> str:
+            return "NoLoneSql"
+
+    return ParentBased(root=NoLoneSql())
+
+
 def setup_tracing(service_name: str, *, exporter: Any = None) -> Tracing | None:
     """Installs tracing when ``OTEL_*`` asks for it, or with ``exporter`` (tests: an in-memory one).
 
@@ -185,7 +205,7 @@ def setup_tracing(service_name: str, *, exporter: Any = None) -> Tracing | None:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 
     name = os.environ.get("OTEL_SERVICE_NAME") or service_name
-    provider = TracerProvider(resource=Resource.create({"service.name": name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": name}), sampler=_sampler())
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
