@@ -342,3 +342,18 @@ async def test_a_server_with_every_service_stops_promptly_right_after_starting(d
             assert code == 0 and time.monotonic() - started < 8, (code, time.monotonic() - started)
         finally:
             server.stop()
+
+
+async def test_an_answer_lists_the_ten_best_candidates_unless_all_are_asked_for(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with Cluster.connect(server.address) as c:
+            await _join(c, 12)
+            await _ready(c, 12)
+            for _ in range(5):
+                await c.place_session("warm")  # five nodes now have a session: scores differ
+            brief = await c.place_session("ana")
+            full = await c.place_session("bo", all_candidates=True)
+    assert brief.candidate_count == 12 and len(brief.candidates) == 10
+    assert any(x.chosen for x in brief.candidates)
+    assert [x.score for x in brief.candidates] == sorted(x.score for x in brief.candidates)
+    assert full.candidate_count == 12 and len(full.candidates) == 12

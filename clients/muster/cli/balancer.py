@@ -297,7 +297,7 @@ def place(
 
     async def body() -> Placement:
         async with _connect(address) as cluster:
-            return await cluster.place_session(user, kind=kind, labels=labels, dry_run=dry_run)
+            return await cluster.place_session(user, kind=kind, labels=labels, dry_run=dry_run, all_candidates=True)
 
     placement = _run(body())
     if json:

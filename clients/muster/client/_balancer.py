@@ -82,6 +82,7 @@ class Placement:
     excluded: tuple[Excluded, ...]
     fallback: str = ""
     revision: int = 0
+    candidate_count: int = 0
 
     @property
     def node_id(self) -> int:
@@ -133,8 +134,12 @@ class BalancerApi:
         dry_run: bool = False,
         request_id: str | None = None,
         wait_for_revision: bool = False,
+        all_candidates: bool = False,
     ) -> Placement:
         """Places a new session by the cluster's strategy (a reservation unless ``dry_run``).
+
+        The answer explains the decision: the ten best candidates with their scores (every one with
+        ``all_candidates``; ``candidate_count`` says how many there were) and the excluded nodes.
 
         Retried safely: the request carries an id the server deduplicates.
 
@@ -149,6 +154,7 @@ class BalancerApi:
             dry_run=dry_run,
             request_id="" if dry_run else (request_id or uuid.uuid4().hex),
             wait_for_revision=wait_for_revision,
+            all_candidates=all_candidates,
         )
         resp = await self._balancer_call("PlaceSession", req)
         return Placement(
@@ -161,6 +167,7 @@ class BalancerApi:
             tuple(Excluded(e.node_id, e.address, e.reason) for e in resp.excluded),
             resp.fallback,
             resp.revision,
+            resp.candidate_count,
         )
 
     async def report_session_started(

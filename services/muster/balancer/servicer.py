@@ -58,7 +58,16 @@ def _session_id(field: str, value: str) -> str:
     return value
 
 
-def _candidates(decision: Decision) -> list[balancer_pb2.Candidate]:
+BRIEF_CANDIDATES = 10
+
+
+def _candidates(decision: Decision, everyone: bool) -> list[balancer_pb2.Candidate]:
+    scored = decision.scored
+    if not everyone and len(scored) > BRIEF_CANDIDATES:
+        best = list(scored[:BRIEF_CANDIDATES])
+        if all(s.node.id != decision.winner.id for s in best):  # a custom choice further down
+            best[-1] = next(s for s in scored if s.node.id == decision.winner.id)
+        scored = tuple(best)
     return [
         balancer_pb2.Candidate(
             node_id=s.node.id,
@@ -69,7 +78,7 @@ def _candidates(decision: Decision) -> list[balancer_pb2.Candidate]:
             cpu_count=s.node.cpu_count,
             chosen=s.node.id == decision.winner.id,
         )
-        for s in decision.scored
+        for s in scored
     ]
 
 
@@ -141,7 +150,8 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         return pb.PlaceSessionResponse(
             session=session_to_proto(session),
             strategy=decision.strategy,
-            candidates=_candidates(decision),
+            candidates=_candidates(decision, request.all_candidates),
+            candidate_count=len(decision.scored),
             excluded=[balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in decision.excluded],
             fallback=decision.fallback,
             revision=await c.store.revision_of(append_id) if request.wait_for_revision and append_id else 0,

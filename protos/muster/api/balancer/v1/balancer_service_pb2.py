@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from muster.api.balancer.v1 import balancer_pb2 as muster_dot_api_dot_balancer_dot_v1_dot_balancer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-muster/api/balancer/v1/balancer_service.proto\x12\x16muster.api.balancer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%muster/api/balancer/v1/balancer.proto\"\xe9\x01\n\x13PlaceSessionRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12G\n\x06labels\x18\x03 \x03(\x0b\x32\x37.muster.api.balancer.v1.PlaceSessionRequest.LabelsEntry\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11wait_for_revision\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe9\x01\n\x14PlaceSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.muster.api.balancer.v1.Candidate\x12\x32\n\x08\x65xcluded\x18\x04 \x03(\x0b\x32 .muster.api.balancer.v1.Excluded\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\"\xed\x01\n\x14ReportSessionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12?\n\x04kind\x18\x03 \x01(\x0e\x32\x31.muster.api.balancer.v1.ReportSessionRequest.Kind\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x14\n\x0csession_kind\x18\x06 \x01(\t\">\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x0e\n\nKIND_ENDED\x10\x02\"I\n\x15ReportSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\"M\n\x13ListSessionsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x93\x01\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13RouteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"W\n\x14RouteSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\r\n\x05moved\x18\x02 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x89\x01\n\x11GetStatusResponse\x12\x31\n\x05nodes\x18\x01 \x03(\x0b\x32\".muster.api.balancer.v1.NodeStatus\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x12SetStrategyRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\"9\n\x13SetStrategyResponse\x12\x10\n\x08previous\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\x8a\x05\n\x0f\x42\x61lancerService\x12i\n\x0cPlaceSession\x12+.muster.api.balancer.v1.PlaceSessionRequest\x1a,.muster.api.balancer.v1.PlaceSessionResponse\x12l\n\rReportSession\x12,.muster.api.balancer.v1.ReportSessionRequest\x1a-.muster.api.balancer.v1.ReportSessionResponse\x12i\n\x0cListSessions\x12+.muster.api.balancer.v1.ListSessionsRequest\x1a,.muster.api.balancer.v1.ListSessionsResponse\x12i\n\x0cRouteSession\x12+.muster.api.balancer.v1.RouteSessionRequest\x1a,.muster.api.balancer.v1.RouteSessionResponse\x12`\n\tGetStatus\x12(.muster.api.balancer.v1.GetStatusRequest\x1a).muster.api.balancer.v1.GetStatusResponse\x12\x66\n\x0bSetStrategy\x12*.muster.api.balancer.v1.SetStrategyRequest\x1a+.muster.api.balancer.v1.SetStrategyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-muster/api/balancer/v1/balancer_service.proto\x12\x16muster.api.balancer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a%muster/api/balancer/v1/balancer.proto\"\x81\x02\n\x13PlaceSessionRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12G\n\x06labels\x18\x03 \x03(\x0b\x32\x37.muster.api.balancer.v1.PlaceSessionRequest.LabelsEntry\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11wait_for_revision\x18\x06 \x01(\x08\x12\x16\n\x0e\x61ll_candidates\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x02\n\x14PlaceSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x35\n\ncandidates\x18\x03 \x03(\x0b\x32!.muster.api.balancer.v1.Candidate\x12\x32\n\x08\x65xcluded\x18\x04 \x03(\x0b\x32 .muster.api.balancer.v1.Excluded\x12\x10\n\x08\x66\x61llback\x18\x05 \x01(\t\x12\x10\n\x08revision\x18\x06 \x01(\x03\x12\x17\n\x0f\x63\x61ndidate_count\x18\x07 \x01(\x05\"\xed\x01\n\x14ReportSessionRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12?\n\x04kind\x18\x03 \x01(\x0e\x32\x31.muster.api.balancer.v1.ReportSessionRequest.Kind\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x14\n\x0csession_kind\x18\x06 \x01(\t\">\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x0e\n\nKIND_ENDED\x10\x02\"I\n\x15ReportSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\"M\n\x13ListSessionsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x93\x01\n\x14ListSessionsResponse\x12\x31\n\x08sessions\x18\x01 \x03(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x13RouteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"W\n\x14RouteSessionResponse\x12\x30\n\x07session\x18\x01 \x01(\x0b\x32\x1f.muster.api.balancer.v1.Session\x12\r\n\x05moved\x18\x02 \x01(\x08\"\x12\n\x10GetStatusRequest\"\x89\x01\n\x11GetStatusResponse\x12\x31\n\x05nodes\x18\x01 \x03(\x0b\x32\".muster.api.balancer.v1.NodeStatus\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"&\n\x12SetStrategyRequest\x12\x10\n\x08strategy\x18\x01 \x01(\t\"9\n\x13SetStrategyResponse\x12\x10\n\x08previous\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\x8a\x05\n\x0f\x42\x61lancerService\x12i\n\x0cPlaceSession\x12+.muster.api.balancer.v1.PlaceSessionRequest\x1a,.muster.api.balancer.v1.PlaceSessionResponse\x12l\n\rReportSession\x12,.muster.api.balancer.v1.ReportSessionRequest\x1a-.muster.api.balancer.v1.ReportSessionResponse\x12i\n\x0cListSessions\x12+.muster.api.balancer.v1.ListSessionsRequest\x1a,.muster.api.balancer.v1.ListSessionsResponse\x12i\n\x0cRouteSession\x12+.muster.api.balancer.v1.RouteSessionRequest\x1a,.muster.api.balancer.v1.RouteSessionResponse\x12`\n\tGetStatus\x12(.muster.api.balancer.v1.GetStatusRequest\x1a).muster.api.balancer.v1.GetStatusResponse\x12\x66\n\x0bSetStrategy\x12*.muster.api.balancer.v1.SetStrategyRequest\x1a+.muster.api.balancer.v1.SetStrategyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,33 +36,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLACESESSIONREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_PLACESESSIONREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_PLACESESSIONREQUEST']._serialized_start=146
-  _globals['_PLACESESSIONREQUEST']._serialized_end=379
-  _globals['_PLACESESSIONREQUEST_LABELSENTRY']._serialized_start=334
-  _globals['_PLACESESSIONREQUEST_LABELSENTRY']._serialized_end=379
-  _globals['_PLACESESSIONRESPONSE']._serialized_start=382
-  _globals['_PLACESESSIONRESPONSE']._serialized_end=615
-  _globals['_REPORTSESSIONREQUEST']._serialized_start=618
-  _globals['_REPORTSESSIONREQUEST']._serialized_end=855
-  _globals['_REPORTSESSIONREQUEST_KIND']._serialized_start=793
-  _globals['_REPORTSESSIONREQUEST_KIND']._serialized_end=855
-  _globals['_REPORTSESSIONRESPONSE']._serialized_start=857
-  _globals['_REPORTSESSIONRESPONSE']._serialized_end=930
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=932
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=1009
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1012
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1159
-  _globals['_ROUTESESSIONREQUEST']._serialized_start=1161
-  _globals['_ROUTESESSIONREQUEST']._serialized_end=1202
-  _globals['_ROUTESESSIONRESPONSE']._serialized_start=1204
-  _globals['_ROUTESESSIONRESPONSE']._serialized_end=1291
-  _globals['_GETSTATUSREQUEST']._serialized_start=1293
-  _globals['_GETSTATUSREQUEST']._serialized_end=1311
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1314
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1451
-  _globals['_SETSTRATEGYREQUEST']._serialized_start=1453
-  _globals['_SETSTRATEGYREQUEST']._serialized_end=1491
-  _globals['_SETSTRATEGYRESPONSE']._serialized_start=1493
-  _globals['_SETSTRATEGYRESPONSE']._serialized_end=1550
-  _globals['_BALANCERSERVICE']._serialized_start=1553
-  _globals['_BALANCERSERVICE']._serialized_end=2203
+  _globals['_PLACESESSIONREQUEST']._serialized_end=403
+  _globals['_PLACESESSIONREQUEST_LABELSENTRY']._serialized_start=358
+  _globals['_PLACESESSIONREQUEST_LABELSENTRY']._serialized_end=403
+  _globals['_PLACESESSIONRESPONSE']._serialized_start=406
+  _globals['_PLACESESSIONRESPONSE']._serialized_end=664
+  _globals['_REPORTSESSIONREQUEST']._serialized_start=667
+  _globals['_REPORTSESSIONREQUEST']._serialized_end=904
+  _globals['_REPORTSESSIONREQUEST_KIND']._serialized_start=842
+  _globals['_REPORTSESSIONREQUEST_KIND']._serialized_end=904
+  _globals['_REPORTSESSIONRESPONSE']._serialized_start=906
+  _globals['_REPORTSESSIONRESPONSE']._serialized_end=979
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=981
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=1058
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=1061
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=1208
+  _globals['_ROUTESESSIONREQUEST']._serialized_start=1210
+  _globals['_ROUTESESSIONREQUEST']._serialized_end=1251
+  _globals['_ROUTESESSIONRESPONSE']._serialized_start=1253
+  _globals['_ROUTESESSIONRESPONSE']._serialized_end=1340
+  _globals['_GETSTATUSREQUEST']._serialized_start=1342
+  _globals['_GETSTATUSREQUEST']._serialized_end=1360
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1363
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1500
+  _globals['_SETSTRATEGYREQUEST']._serialized_start=1502
+  _globals['_SETSTRATEGYREQUEST']._serialized_end=1540
+  _globals['_SETSTRATEGYRESPONSE']._serialized_start=1542
+  _globals['_SETSTRATEGYRESPONSE']._serialized_end=1599
+  _globals['_BALANCERSERVICE']._serialized_start=1602
+  _globals['_BALANCERSERVICE']._serialized_end=2252
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,7 @@ class PlaceSessionRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     WAIT_FOR_REVISION_FIELD_NUMBER: _builtins.int
+    ALL_CANDIDATES_FIELD_NUMBER: _builtins.int
     user: _builtins.str
     """The user (1-256 characters)."""
     kind: _builtins.str
@@ -63,6 +64,8 @@ class PlaceSessionRequest(_message.Message):
     """Idempotency key: a retried placement with the same id returns the same session."""
     wait_for_revision: _builtins.bool
     """Wait until the placement's event is numbered and return its revision."""
+    all_candidates: _builtins.bool
+    """List every candidate in the answer; by default the ten best (the winner always among them)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Requirements: a candidate node must carry each label with this value."""
@@ -76,10 +79,11 @@ class PlaceSessionRequest(_message.Message):
         dry_run: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         wait_for_revision: _builtins.bool = ...,
+        all_candidates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "kind", b"kind", "labels", b"labels", "request_id", b"request_id", "user", b"user", "wait_for_revision", b"wait_for_revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_candidates", b"all_candidates", "dry_run", b"dry_run", "kind", b"kind", "labels", b"labels", "request_id", b"request_id", "user", b"user", "wait_for_revision", b"wait_for_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -97,12 +101,15 @@ class PlaceSessionResponse(_message.Message):
     EXCLUDED_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
     strategy: _builtins.str
     """The strategy that decided (`sessions` when custom failed and fell back; see `fallback`)."""
     fallback: _builtins.str
     """Why the custom strategy fell back to `sessions` ("" if it did not)."""
     revision: _builtins.int
     """The placement's revision when wait_for_revision was set."""
+    candidate_count: _builtins.int
+    """How many candidates there were (`candidates` lists the best ten unless all_candidates)."""
     @_builtins.property
     def session(self) -> _balancer_pb2.Session:
         """The session (with dry_run: the id it would get is not reserved)."""
@@ -124,10 +131,11 @@ class PlaceSessionResponse(_message.Message):
         excluded: _abc.Iterable[_balancer_pb2.Excluded] | None = ...,
         fallback: _builtins.str = ...,
         revision: _builtins.int = ...,
+        candidate_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "excluded", b"excluded", "fallback", b"fallback", "revision", b"revision", "session", b"session", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_count", b"candidate_count", "candidates", b"candidates", "excluded", b"excluded", "fallback", b"fallback", "revision", b"revision", "session", b"session", "strategy", b"strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
