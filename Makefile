@@ -18,3 +18,10 @@ bench:
 	$(PY) -m bench
 up:
 	.venv/bin/muster up
+
+# A long fault-injection run with the history checkers (tests/chaos/README.md): make chaos DURATION=10m SEED=42
+DURATION ?= 10m
+SEED ?=
+.PHONY: chaos
+chaos:
+	$(PY) -m tests.chaos --seconds $(DURATION) $(if $(SEED),--seed $(SEED))

@@ -430,6 +430,21 @@ async def test_misfire_threshold_skips_a_late_firing_and_future_firings_are_refu
         assert {f.job for f in firings} == {"late", "late2"}
 
 
+async def test_a_claim_retried_after_its_answer_was_lost_gets_the_same_claim_back(locks_server) -> None:
+    """Found by the chaos checker: a claim whose answer was lost (a replica died) used to come back
+    FIRING_CLAIMED by its own earlier attempt, and the slot never ran."""
+    async with Cluster.connect(locks_server.address) as c:
+        when = datetime.now(UTC) - timedelta(seconds=1)
+        first = await c.claim_firing("retried", when, ttl=30 * SEC, holder="a", request_id="claim-1")
+        again = await c.claim_firing("retried", when, ttl=30 * SEC, holder="a", request_id="claim-1")
+        assert (again.token, again.holder) == (first.token, "a")
+        with pytest.raises(E.FiringClaimedError):
+            await c.claim_firing("retried", when, ttl=30 * SEC, holder="a", request_id="claim-2")
+        await c.complete_firing(again)
+        with pytest.raises(E.FiringDoneError):
+            await c.claim_firing("retried", when, ttl=30 * SEC, holder="a", request_id="claim-1")
+
+
 async def test_two_schedulers_run_each_slot_of_an_interval_job_exactly_once(locks_server) -> None:
     from muster.client._scheduler import Scheduler
 

@@ -285,8 +285,12 @@ class LocksApi:
         misfire_threshold: timedelta = timedelta(0),
         holder: str | None = None,
         node_id: int = 0,
+        request_id: str | None = None,
     ) -> Firing:
         """Claims one firing of a single-run job: exactly one claimer succeeds.
+
+        Retried safely on another replica when one cannot answer: the claim carries a request id the
+        server recognizes, so a claim whose answer was lost comes back with the same token.
 
         Raises:
             FiringClaimedError: another claimer holds it (``metadata["holder"]``).
@@ -294,12 +298,16 @@ class LocksApi:
             MisfiredError: too late: skipped.
         """
         req = pb.ClaimFiringRequest(
-            job=job, holder=holder or default_holder(), node_id=node_id, recoverable=recoverable
+            job=job,
+            holder=holder or default_holder(),
+            node_id=node_id,
+            recoverable=recoverable,
+            request_id=request_id or uuid.uuid4().hex,
         )
         req.scheduled_time.FromDatetime(scheduled_time)
         req.ttl.FromTimedelta(ttl)
         req.misfire_threshold.FromTimedelta(misfire_threshold)
-        return Firing.from_proto((await self._locks_call("ClaimFiring", req, retry=False)).firing)
+        return Firing.from_proto((await self._locks_call("ClaimFiring", req)).firing)
 
     async def complete_firing(self, firing: Firing, *, failed: bool = False) -> Firing:
         """Marks a claimed firing done. Raises StaleTokenError if it was claimed again since."""

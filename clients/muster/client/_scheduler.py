@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -164,6 +165,8 @@ class Scheduler:
             slot = job.next_after(slot)
 
     async def _fire(self, job: Job, slot: datetime) -> None:
+        request_id = uuid.uuid4().hex  # one per slot: a claim retried after a lost answer comes back
+        unreachable = 0
         for _ in range(100):  # bounded: a recoverable firing is retried while its claimers keep dying
             try:
                 firing = await self.cluster.claim_firing(
@@ -174,6 +177,7 @@ class Scheduler:
                     misfire_threshold=job.misfire_threshold,
                     holder=self.holder,
                     node_id=self.node_id,
+                    request_id=request_id,
                 )
             except E.FiringClaimedError:
                 if not job.recoverable:
@@ -182,6 +186,13 @@ class Scheduler:
                 continue
             except (E.FiringDoneError, E.MisfiredError):
                 return
+            except (E.UnavailableError, E.DeadlineExceededError, E.AbortedError, E.InternalError) as exc:
+                # The control plane could not answer (a replica or the database is down): the slot
+                # is not lost — try again until it is claimed, done, or too late (misfired).
+                unreachable += 1
+                log.info("job %s at %s: claim not answered (%s); trying again", job.name, slot, exc.code.name)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(unreachable, 5)))
+                continue
             except E.MusterError as exc:
                 log.warning("job %s at %s: claim failed: %s", job.name, slot, exc)
                 return

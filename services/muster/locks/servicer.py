@@ -204,6 +204,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
             misfire_threshold=_duration(
                 "misfire_threshold", request.misfire_threshold, low=timedelta(0), high=timedelta(days=7)
             ),
+            request_id=validate.request_id("request_id", request.request_id),
         )
         return pb.ClaimFiringResponse(firing=convert.firing_to_proto(firing))
 

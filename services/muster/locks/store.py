@@ -126,14 +126,15 @@ CREDIT_FIRINGS = "UPDATE locks.firings SET expire_time = expire_time + $1::inter
 
 FIRING_FOR_UPDATE = "SELECT *, now() AS now FROM locks.firings WHERE job = $1 AND scheduled_time = $2 FOR UPDATE"
 INSERT_FIRING = """
-INSERT INTO locks.firings (job, scheduled_time, holder, node_id, token, state, recoverable, expire_time)
-VALUES ($1, $2, $3, $4, 1, $5, $6, now() + $7::interval)
+INSERT INTO locks.firings (job, scheduled_time, holder, node_id, token, state, recoverable, expire_time,
+                           claim_request_id)
+VALUES ($1, $2, $3, $4, 1, $5, $6, now() + $7::interval, $8)
 ON CONFLICT (job, scheduled_time) DO NOTHING
 RETURNING *
 """
 RECLAIM_FIRING = """
 UPDATE locks.firings SET holder = $3, node_id = $4, token = token + 1, attempt = attempt + 1, state = 1,
-       claim_time = now(), expire_time = now() + $5::interval, recoverable = $6
+       claim_time = now(), expire_time = now() + $5::interval, recoverable = $6, claim_request_id = $7
 WHERE job = $1 AND scheduled_time = $2
 RETURNING *
 """
@@ -539,8 +540,11 @@ class LockStore:
         node_id: int,
         recoverable: bool,
         misfire_threshold: timedelta,
+        request_id: str = "",
     ) -> Firing:
         """Claims one firing: exactly one claimer succeeds; an expired recoverable claim may be claimed again.
+
+        A claim retried with the same ``request_id`` while it holds gets the same claim (and token) back.
 
         Raises:
             FiringClaimedError, FiringDoneError, MisfiredError, InvalidArgumentError (a future firing).
@@ -559,7 +563,7 @@ class LockStore:
                     misfired = misfire_threshold > timedelta(0) and late > misfire_threshold
                     state = FiringState.SKIPPED if misfired else FiringState.CLAIMED
                     new = await con.fetchrow(
-                        INSERT_FIRING, job, scheduled, holder, node_id, int(state), recoverable, ttl
+                        INSERT_FIRING, job, scheduled, holder, node_id, int(state), recoverable, ttl, request_id
                     )
                     if new is None:  # a concurrent claimer inserted it first
                         return None, None
@@ -573,10 +577,14 @@ class LockStore:
                     current.state == FiringState.CLAIMED and row["expire_time"] <= row["now"]
                 )
                 if current.state == FiringState.CLAIMED and not expired:
+                    if request_id and row["claim_request_id"] == request_id:
+                        return current, None  # our own claim, retried after its answer was lost
                     return None, FiringClaimedError(job, current.holder, current.token)
                 if expired and current.recoverable:
                     firing = Firing.from_row(
-                        await con.fetchrow(RECLAIM_FIRING, job, scheduled, holder, node_id, ttl, recoverable)
+                        await con.fetchrow(
+                            RECLAIM_FIRING, job, scheduled, holder, node_id, ttl, recoverable, request_id
+                        )
                     )
                     await self._firing_event(con, firing)
                     return firing, None

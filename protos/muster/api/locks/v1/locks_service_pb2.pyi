@@ -497,6 +497,7 @@ class ClaimFiringRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     RECOVERABLE_FIELD_NUMBER: _builtins.int
     MISFIRE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     job: _builtins.str
     """The job's name (same rules as lock names)."""
     holder: _builtins.str
@@ -505,6 +506,8 @@ class ClaimFiringRequest(_message.Message):
     """The claiming node, 0 if not a node."""
     recoverable: _builtins.bool
     """Whether the firing may be claimed again after this claim expires."""
+    request_id: _builtins.str
+    """Idempotency key: a retried claim with the same id (while it holds) returns the same claim."""
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """The firing's scheduled time."""
@@ -527,10 +530,11 @@ class ClaimFiringRequest(_message.Message):
         node_id: _builtins.int = ...,
         recoverable: _builtins.bool = ...,
         misfire_threshold: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["misfire_threshold", b"misfire_threshold", "scheduled_time", b"scheduled_time", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "job", b"job", "misfire_threshold", b"misfire_threshold", "node_id", b"node_id", "recoverable", b"recoverable", "scheduled_time", b"scheduled_time", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "job", b"job", "misfire_threshold", b"misfire_threshold", "node_id", b"node_id", "recoverable", b"recoverable", "request_id", b"request_id", "scheduled_time", b"scheduled_time", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
