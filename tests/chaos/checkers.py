@@ -23,7 +23,18 @@ from .history import Run, decode
 MAX_EXAMPLES = 5
 MOVE_LAG = 1.0  # a move onto a node that left this long before (by the stream) is counted
 SWEEP_SLACK = 3.0  # the balancer sweeps every 2 s: a node eligible this long must have received moved sessions
-STATE_NAMES = {1: "STARTING", 2: "ONLINE", 3: "OFFLINE", 4: "DELETING"}
+STATE_NAMES = {
+    1: "STARTING",
+    2: "ONLINE",
+    3: "OFFLINE",
+    4: "DELETING",
+    5: "FAILED_TO_RESOLVE",
+    6: "INVALID_SECURE_COOKIE_KEY",
+    7: "INVALID_KEY_PERMISSIONS",
+    8: "ERROR_READING_LAUNCHER_KEY",
+    9: "INVALID_LAUNCHER_KEY",
+    10: "INVALID_LICENSE",
+}
 MODE_NAMES = {1: "ACTIVE", 2: "DRAINING"}
 HEALTH_NAMES = {0: "NONE", 1: "OK", 2: "MISSED_CHECK_IN"}
 
