@@ -285,6 +285,11 @@ async def test_a_sigkilled_nodes_sessions_move_once_each_and_the_rest_stay(datab
                 for _, m in moves:
                     session, moved = await c.route_session(m.previous_id)
                     assert moved and session.id == m.session.id and session.node_id == m.session.node_id
+                # A late report for a moved id (a paused replica, a slow agent) does not bring it back.
+                _, first = moves[0]
+                stale = await c.report_session_started(first.previous_node_id, first.previous_id, pid=1, user="x")
+                assert stale.id == first.session.id and stale.node_id == first.session.node_id
+                assert len(await c.list_sessions()) == len(placed)
                 # The new nodes' agents heard of the sessions moved onto them.
                 heard = sum(len(x.lines_matching(r"moved here from node")) for x in agents[1:])
                 assert heard == len(doomed)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from muster.api.balancer.v1 import balancer_pb2
+from muster.balancer.errors import SessionNotFoundError
 from muster.balancer.models import (
     Counts,
     Decision,
@@ -305,10 +306,23 @@ class BalancerStore:
 
     async def started(self, node: NodeInfo, session_id: str, pid: int, user: str, kind: str) -> Session:
         """A node's agent reports a session started: a placed one moves to STARTED (on the reporting
-        node); an unknown one is recorded as STARTED there."""
+        node); an unknown one is recorded as STARTED there; one moved off its node since is left as
+        the move made it (the report is stale).
+
+        Raises:
+            SessionNotFoundError: the session was moved and has ended since.
+        """
         async with self._pool.acquire() as con, con.transaction():
             row = await con.fetchrow(SESSION_FOR_UPDATE, session_id)
             if row is None:
+                moved_to = await con.fetchval(MOVED_TO, session_id)
+                if moved_to is not None:
+                    # A late report for an id whose session was moved off its node (found by the chaos
+                    # checker): the move stands; the report changes nothing.
+                    current = await con.fetchrow(SESSION, moved_to)
+                    if current is None:
+                        raise SessionNotFoundError(session_id)
+                    return Session.from_row(current)
                 rows = _Rows()
                 rows.add(session_id, node, user, kind, SessionState.STARTED, pid=pid)
                 await con.execute(INSERT_SESSIONS, *rows.cols)
