@@ -65,12 +65,24 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+_loop: asyncio.AbstractEventLoop | None = None
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Runs a command's coroutine; a client error becomes one line on stderr and exit code 1."""
+    """Runs a command's coroutine; a client error becomes one line on stderr and exit code 1.
+
+    One event loop for the command's life, never closed: the command ends through ``os._exit``
+    after flushing (see ``muster.cli.main.main``), and closing a loop that gRPC's aio machinery
+    still knows of could crash the process (SIGSEGV) before its output was written.
+    """
     from muster.client.errors import MusterError, NoEligibleNodeError, UnavailableError
 
+    global _loop
+    if _loop is None:
+        _loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(_loop)
     try:
-        return asyncio.run(coro)
+        return _loop.run_until_complete(coro)
     except NoEligibleNodeError as exc:
         raise fail(str(exc)) from None
     except UnavailableError as exc:
