@@ -12,6 +12,7 @@ import base64
 import bisect
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -913,6 +914,19 @@ def check_keys(run: Run) -> Verdict:
             f"(ACTIVE is {act['version']})",
             *rotations,
         )
+    # An agent down through a whole rotation holds a retired version and is refused at its next join
+    # (by design: a retired key is no longer trusted); the operator's fix is to remove its key files.
+    states = {k["version"]: k["state"] for k in versions}
+    for r in run.params.get("agent_refusals", []):
+        m = re.search(r"holds retired version (\d+)", r.get("tail", ""))
+        held = int(m.group(1)) if m else None
+        if held is None or states.get(held) != 4:
+            v.fail(f"agent {r['agent']} was refused for a version that is not RETIRED ({held})", r["tail"][-600:])
+        else:
+            v.notes.append(
+                f"agent {r['agent']} was down through the rotation, refused for retired version {held}, "
+                "and fetched the ACTIVE version once its files were removed"
+            )
     agents = run.params["agents"]
     for a in agents:
         local = keyfiles.check(keyfiles.KeyPaths.in_dir(Path(a["keys_dir"])))

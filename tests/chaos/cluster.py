@@ -196,6 +196,7 @@ class ChaosCluster:
         self.agents: list[Agent] = []
         self.clients: list[Client] = []
         self.agent_exits: list[dict[str, Any]] = []  # agents that exited by themselves
+        self.agent_refusals: list[dict[str, Any]] = []  # refused for a retired key, mended by the operator
         # Bound and never listening: connections to it are refused. Where a dead replica's proxies
         # point, so that nothing else that binds its old port (another test) receives our clients.
         self._nowhere = socket.socket()
@@ -353,6 +354,7 @@ class ChaosCluster:
             if not r.up:
                 self.start_replica(r)
                 done.append(f"started {r.name}")
+        done += self.mend_refused()
         for a in self.agents:
             if a.paused and a.proc is not None:
                 a.proc.signal(signal.SIGCONT)
@@ -367,6 +369,21 @@ class ChaosCluster:
                 c.signal(signal.SIGCONT)
                 c.paused = False
                 done.append(f"continued {c.name}")
+        return done
+
+    def mend_refused(self) -> list[str]:
+        """What the operator does for an agent that was down through a whole rotation and was refused
+        for holding the retired version (the refusal's fix): removes its key files and starts it again,
+        so it fetches the ACTIVE version. Other exits are left to :meth:`heal` (they are failures)."""
+        done = []
+        for a in self.agents:
+            if a.running or a.paused or a.proc is None or "holds retired version" not in a.proc.output():
+                continue
+            self.agent_refusals.append(self.exit_of(a))
+            shutil.rmtree(a.keys_dir, ignore_errors=True)
+            a.keys_dir.mkdir(mode=0o700)
+            a.start(wait=False)
+            done.append(f"removed agent {a.name}'s retired key files and started it again")
         return done
 
     @staticmethod

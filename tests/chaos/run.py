@@ -237,6 +237,7 @@ def finish(cluster: ChaosCluster, params: dict[str, Any], faults: FaultLog, sett
         if not a.running:
             cluster.agent_exits.append(cluster.exit_of(a))
     params["agent_exits"] = cluster.agent_exits
+    params["agent_refusals"] = cluster.agent_refusals
     # The final picture: a consistent snapshot, the watchers stopped at its revision, another snapshot.
     first = consistent_snapshot(cluster.database_url)
     cluster.stop_file.write_text(str(first["head_revision"]))
@@ -271,7 +272,7 @@ def settle_cluster(cluster: ChaosCluster, timeout: float) -> tuple[float, list[s
     hosts = {a.host for a in cluster.agents}
     pending: list[str] = ["nothing checked yet"]
     while time.monotonic() - start < timeout:
-        pending = []
+        pending = cluster.mend_refused()
         try:
             s = snap_of(cluster.database_url, ("unnumbered", "nodes", "sessions", "key_versions", "holds", "head"))
         except Exception as exc:  # noqa: BLE001 - the database may still be coming back

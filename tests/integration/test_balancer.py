@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -362,3 +363,45 @@ async def test_an_answer_lists_the_ten_best_candidates_unless_all_are_asked_for(
     assert any(x.chosen for x in brief.candidates)
     assert [x.score for x in brief.candidates] == sorted(x.score for x in brief.candidates)
     assert full.candidate_count == 12 and len(full.candidates) == 12
+
+
+async def test_a_replica_resumed_from_a_pause_places_from_a_view_read_again(database_url: str) -> None:
+    """A replica stopped while a node went OFFLINE must not place onto it from the view it had
+    before the pause: the change reaches its view only after it ran again (found by the chaos checker)."""
+    with control_planes(database_url, 2, CALM) as (paused, other):
+        async with Cluster.connect(other.address) as c, Cluster.connect(paused.address) as b:
+            for _ in range(3):
+                idle = await c.join_node(f"idle-{time.monotonic_ns()}.test", 8787)
+                busy = await c.join_node(f"busy-{time.monotonic_ns()}.test", 8787)
+                await _ready(b, 2)
+                await c.set_node_mode(idle.node_id, NodeMode.DRAINING)
+                await wait_for(
+                    lambda i=idle.node_id: _mode_seen(b, i, draining=True), what="the balancer to see the drain"
+                )
+                for i in range(3):
+                    assert (await b.place_session(f"u{i}")).node_id == busy.node_id
+                await c.set_node_mode(idle.node_id, NodeMode.ACTIVE)
+                await wait_for(
+                    lambda i=idle.node_id: _mode_seen(b, i, draining=False), what="the balancer to see it active"
+                )
+                # The idle node (no sessions) would win; it goes OFFLINE while the replica is stopped.
+                paused.signal(signal.SIGSTOP)
+                try:
+                    await c.leave_node(idle)
+                    placing = asyncio.create_task(b.place_session("after-pause"))
+                    await asyncio.sleep(1.5)
+                finally:
+                    paused.signal(signal.SIGCONT)
+                placed = await asyncio.wait_for(placing, 15)
+                assert placed.node_id == busy.node_id, "placed onto a node that went OFFLINE during the pause"
+                await c.leave_node(busy)
+                await wait_for(lambda: _none_online(b), what="the balancer to see both gone")
+
+
+async def _mode_seen(b: Cluster, node_id: int, *, draining: bool) -> bool:
+    status = await b.status()
+    return any(n.node_id == node_id and n.draining == draining for n in status.nodes)
+
+
+async def _none_online(b: Cluster) -> bool:
+    return not any(n.state == "ONLINE" for n in (await b.status()).nodes)

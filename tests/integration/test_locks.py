@@ -105,6 +105,48 @@ async def test_a_lease_not_kept_alive_expires_by_the_database_clock_and_the_next
     assert expiry <= second_grant <= expiry + timedelta(milliseconds=350)
 
 
+async def test_a_hold_extended_while_its_expiry_is_being_settled_is_not_granted_over(
+    locks_server, database_url: str
+) -> None:
+    """A keep-alive or an outage credit that commits while the sweep waits for the hold's row keeps
+    the hold: the waiter must not be granted beside it (found by the fault-injection checker)."""
+    async with Cluster.connect(locks_server.address) as c:
+        held = await c.acquire("ext", ttl=SEC, holder="slow")
+        waiter = asyncio.create_task(c.acquire("ext", ttl=SEC, wait=8 * SEC, holder="next"))
+        await wait_for(lambda: _waiting(c, "ext", 1), what="the waiter queued")
+        extender = await asyncpg.connect(database_url)
+        watcher = await asyncpg.connect(database_url)
+        try:
+            tx = extender.transaction()
+            await tx.start()
+            # What the sweep's outage credit (or a keep-alive) does, left uncommitted for now.
+            await extender.execute(
+                "UPDATE locks.holds SET expire_time = now() + interval '30 seconds' WHERE lease_id = $1",
+                held.lease_id,
+            )
+
+            async def settle_blocked() -> bool:
+                return bool(
+                    await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%DELETE FROM locks.holds%'"
+                    )
+                )
+
+            await wait_for(settle_blocked, timeout=10, what="the sweep waiting on the expired hold's row")
+            await tx.commit()
+            await asyncio.sleep(1.0)
+            assert not waiter.done(), "the waiter was granted while the hold it waits for was extended"
+            holds = await watcher.fetch("SELECT lease_id FROM locks.holds WHERE name = 'ext'")
+            assert [r["lease_id"] for r in holds] == [held.lease_id]
+        finally:
+            await extender.close()
+            await watcher.close()
+        assert await c.release(held) is True
+        nxt = await asyncio.wait_for(waiter, 10)
+        assert nxt.token > held.token
+
+
 async def test_readers_share_a_writer_excludes_and_no_writer_starves_behind_readers(locks_server) -> None:
     async with Cluster.connect(locks_server.address) as c:
         r1 = await c.acquire("rw", ttl=30 * SEC, mode=LockMode.SHARED, holder="r1")

@@ -23,6 +23,7 @@ import grpc
 
 from muster.api.balancer.v1 import balancer_pb2, balancer_service_pb2, balancer_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
+from muster.balancer.errors import ViewNotReadyError
 from muster.balancer.models import ROUTE_PURPOSE, NodeInfo, split
 from muster.balancer.placer import CustomStrategy, Diagnostics, Placer
 from muster.balancer.servicer import BalancerServicer
@@ -41,6 +42,10 @@ SWEEP_INTERVAL = 2.0
 LOADS_MAX_AGE = 1.0
 KEYS_MAX_AGE = 30.0
 STRATEGY_MAX_AGE = 1.0
+# A process that did not run for this long (stopped, swapped out, starved) re-reads its node view
+# before it places or moves again: events published meanwhile may still sit unread in its stream.
+STALL_AFTER = 1.0
+FRESH_VIEW_WAIT = 5.0
 
 
 class KeysUnavailableError(MusterError):
@@ -76,6 +81,9 @@ class BalancerComponent:
         self._nodes_cache: list[NodeInfo] | None = None
         self._absent: set[int] = set()
         self._move_wake = asyncio.Event()
+        self._fresh = asyncio.Event()  # the view was (re-)read since the last stall
+        self._reread = asyncio.Event()
+        self._tick = time.monotonic()
 
     def mount(self, server: grpc.aio.Server) -> list[str]:
         """Adds the servicer; returns the service name."""
@@ -107,6 +115,7 @@ class BalancerComponent:
         rt.spawn(self._follow(), "muster-balancer-follow")
         rt.spawn(self._mover(), "muster-balancer-mover")
         rt.spawn(self._sweep(), "muster-balancer-sweep")
+        rt.spawn(self._watchdog(), "muster-balancer-watchdog")
 
     async def stop(self) -> None:
         """Finishes the batch in flight and closes the connections."""
@@ -124,6 +133,21 @@ class BalancerComponent:
     def ready(self) -> bool:
         """Whether the node view has its first snapshot."""
         return self._view is not None and self._view.revision > 0
+
+    async def current_nodes(self) -> list[NodeInfo]:
+        """:meth:`nodes` from a view known to be current: after a stall, once it was read again.
+
+        Raises:
+            ViewNotReadyError: the view could not be read again within five seconds.
+        """
+        self._check_stall()
+        if not self._fresh.is_set():
+            try:
+                async with asyncio.timeout(FRESH_VIEW_WAIT):
+                    await self._fresh.wait()
+            except TimeoutError:
+                raise ViewNotReadyError() from None
+        return self.nodes()
 
     def nodes(self) -> list[NodeInfo]:
         """Every node the view knows, with its latest load (rebuilt when either changes)."""
@@ -216,6 +240,24 @@ class BalancerComponent:
 
     # -- background work -----------------------------------------------------------------------
 
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        stalled = now - self._tick
+        self._tick = now
+        if stalled > STALL_AFTER and self._fresh.is_set():
+            log.warning(
+                "this replica did not run for %.1f s; re-reading the node view before placing",
+                stalled,
+                extra={"event": "balancer_stall"},
+            )
+            self._fresh.clear()
+            self._reread.set()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self._check_stall()
+
     async def _follow_view(self) -> None:
         attempt = 0
         while True:
@@ -223,19 +265,30 @@ class BalancerComponent:
             view.on_change(self._invalidate)
             self._view = view
             self._nodes_cache = None
+            reread = False
             try:
+                self._reread.clear()
                 await view.start()
+                self._fresh.set()
                 attempt = 0
                 assert view._task is not None
-                await view._task
+                wake = asyncio.create_task(self._reread.wait())
+                try:
+                    done, _ = await asyncio.wait({view._task, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                if view._task in done:
+                    view._task.result()  # raises what ended it
+                reread = True
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - follow again
                 log.warning("the node view stopped (%s); following again", exc, extra={"event": "balancer_view"})
             finally:
                 await view.stop()
-            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
-            attempt += 1
+            if not reread:
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+                attempt += 1
 
     async def _follow(self) -> None:
         await events.follow(self._runtime.bus, self._on_event, name="balancer follower")
@@ -263,6 +316,7 @@ class BalancerComponent:
             while self._to_move:
                 node_id = self._to_move.pop()
                 try:
+                    await self.current_nodes()  # never onto a node a stale view shows ONLINE
                     await self.route_keys()
                     await self.store.move_sessions(node_id, self.candidates, self.signing_key())
                 except asyncio.CancelledError:
@@ -279,7 +333,7 @@ class BalancerComponent:
                 if self.ready:
                     # A node the view shows not ONLINE, or has not shown for two sweeps (it may
                     # have joined a moment ago), has its sessions moved.
-                    nodes = {n.id: n for n in self.nodes()}
+                    nodes = {n.id: n for n in await self.current_nodes()}
                     absent = set()
                     for node_id in await self.store.nodes_with_sessions():
                         node = nodes.get(node_id)

@@ -105,7 +105,9 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         strategy = await c.strategy()
         if strategy == "system-load":
             await c.fresh_loads(wait=False)
-        candidates, excluded = split(self._nodes(), labels)
+        if not c.ready:
+            raise ViewNotReadyError()
+        candidates, excluded = split(await c.current_nodes(), labels)
         if not candidates:
             raise NoEligibleNodeError([(n.id, n.address, r) for n, r in excluded], labels)
         await c.route_keys()

@@ -42,6 +42,10 @@ RETURNING fence, now() AS now, nextval('locks.lease_ids') AS next_lease_id
 LOCK_ROW = "SELECT fence, now() AS now FROM locks.locks WHERE name = $1 FOR UPDATE"
 LOCK_ROW_NOWAIT = "SELECT fence, now() AS now FROM locks.locks WHERE name = $1 FOR UPDATE SKIP LOCKED"
 # One round trip: drop what expired (returning the expired holds) and read the live holds and queue.
+# Live means "not deleted here", not "expire_time > now() in this statement's snapshot": a keep-alive
+# or an outage credit committed while the DELETE waited for the row makes it skip the row (it is
+# re-checked against the new expiry), and the snapshot still shows the old expiry; judging by that,
+# the hold would be neither expired nor live, and its waiter would be granted beside it.
 STATE = """
 WITH expired AS (DELETE FROM locks.holds WHERE name = $1 AND expire_time <= now() RETURNING *),
      dead AS (DELETE FROM locks.waiters WHERE name = $1 AND deadline <= now() RETURNING waiter_id)
@@ -51,10 +55,11 @@ FROM expired e
 UNION ALL
 SELECT 2, h.lease_id, h.name, h.token, h.mode, h.holder, h.node_id, h.request_id, h.ttl, h.grant_time,
        h.expire_time, 0
-FROM locks.holds h WHERE h.name = $1 AND h.expire_time > now()
+FROM locks.holds h WHERE h.name = $1 AND h.lease_id NOT IN (SELECT lease_id FROM expired)
 UNION ALL
 SELECT 3, 0, w.name, 0, w.mode, w.holder, w.node_id, w.request_id, w.ttl, NULL, NULL, w.waiter_id
-FROM locks.waiters w WHERE w.name = $1 AND w.granted_lease_id IS NULL AND w.deadline > now()
+FROM locks.waiters w
+WHERE w.name = $1 AND w.granted_lease_id IS NULL AND w.waiter_id NOT IN (SELECT waiter_id FROM dead)
 ORDER BY 1, 4, 12
 """
 LIVE_HOLDS = "SELECT * FROM locks.holds WHERE name = $1 AND expire_time > now() ORDER BY token"
