@@ -1035,6 +1035,16 @@ def check_processes(run: Run) -> Verdict:
             log = run.workdir / "logs" / f"{c['name']}.log"
             tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
             v.fail(f"client {c['name']} ended with {'a kill (it did not finish)' if code is None else code}", tail)
+    # A server answers every request with a defined status: an unexpected exception in a handler
+    # (logged "unexpected error in <method>", answered INTERNAL) is a bug whatever the fault.
+    for path in sorted((run.workdir / "logs").glob("replica-*.log")):
+        text = path.read_text(errors="replace")
+        at = text.find("unexpected error in ")
+        if at >= 0:
+            v.fail(f"{path.stem} answered INTERNAL for an unexpected exception", text[at : at + 1500])
+    internal = [r for recs in run.clients.values() for r in recs if r.get("error") == "InternalError"]
+    for r in internal[:5]:
+        v.notes.append(f"a client got INTERNAL (from the transport, not a server handler): {r}")
     settle = run.params.get("settle", {})
     if settle.get("pending"):
         v.fail(f"the cluster did not settle within the bound after the faults: {settle['pending']}")
