@@ -79,6 +79,7 @@ class BalancerComponent:
         self._strategy_at = 0.0
         self._to_move: set[int] = set()
         self._nodes_cache: list[NodeInfo] | None = None
+        self._splits: dict[tuple[tuple[str, str], ...], tuple[list[NodeInfo], list[tuple[NodeInfo, str]]]] = {}
         self._absent: set[int] = set()
         self._move_wake = asyncio.Event()
         self._fresh = asyncio.Event()  # the view was (re-)read since the last stall
@@ -149,10 +150,23 @@ class BalancerComponent:
                 raise ViewNotReadyError() from None
         return self.nodes()
 
+    async def current_split(self, labels: dict[str, str]) -> tuple[list[NodeInfo], list[tuple[NodeInfo, str]]]:
+        """The candidates for ``labels`` and the excluded nodes with their reasons, from a current
+        view (kept until the view or the loads change: callers must not modify the lists)."""
+        nodes = await self.current_nodes()
+        key = tuple(sorted(labels.items()))
+        got = self._splits.get(key)
+        if got is None:
+            if len(self._splits) > 256:
+                self._splits.clear()
+            got = self._splits[key] = split(nodes, labels)
+        return got
+
     def nodes(self) -> list[NodeInfo]:
         """Every node the view knows, with its latest load (rebuilt when either changes)."""
         if self._nodes_cache is None:
             self._nodes_cache = self._build_nodes()
+            self._splits = {}
         return self._nodes_cache
 
     def _invalidate(self, *_: object) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import heapq
 import hmac
 import secrets
 from collections.abc import Iterable, Mapping
@@ -82,10 +83,16 @@ class Decision:
     """A placement decision: the winner, every candidate scored, the excluded nodes, the strategy."""
 
     winner: NodeInfo
-    scored: tuple[Scored, ...]
+    scored: tuple[Scored, ...]  # best first; only the best few unless every candidate was asked for
     excluded: tuple[tuple[NodeInfo, str], ...]
     strategy: str
     fallback: str = ""
+    candidate_count: int = -1  # how many candidates there were (-1: len(scored))
+
+    @property
+    def candidates(self) -> int:
+        """How many candidates there were."""
+        return self.candidate_count if self.candidate_count >= 0 else len(self.scored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,13 +181,25 @@ def score(strategy: str, user: str, node: NodeInfo, counts: Counts) -> float:
     return float(counts.sessions)  # sessions, and custom's explanation
 
 
-def rank(strategy: str, user: str, candidates: Iterable[NodeInfo], counts: Mapping[int, Counts]) -> list[Scored]:
-    """Every candidate scored, best first (score, then fewer sessions, then lower id)."""
-    scored = [
-        Scored(n, score(strategy, user, n, counts.get(n.id, Counts())), counts.get(n.id, Counts())) for n in candidates
-    ]
-    scored.sort(key=lambda s: (s.score, s.counts.sessions, s.node.id))
-    return scored
+BRIEF_CANDIDATES = 10  # an answer lists this many best candidates unless every one is asked for
+
+
+def rank(
+    strategy: str,
+    user: str,
+    candidates: Iterable[NodeInfo],
+    counts: Mapping[int, Counts],
+    limit: int | None = None,
+) -> list[Scored]:
+    """The candidates scored, best first (score, then fewer sessions, then lower id): all of them,
+    or the best ``limit`` (a partial selection: placing among many nodes is on the hot path)."""
+    none = Counts()
+    keyed = []
+    for n in candidates:
+        c = counts.get(n.id, none)
+        keyed.append((score(strategy, user, n, c), c.sessions, n.id, n, c))
+    best = heapq.nsmallest(limit, keyed) if limit is not None and limit < len(keyed) else sorted(keyed)
+    return [Scored(n, s, c) for s, _, _, n, c in best]
 
 
 # -- signed session ids ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from muster.balancer.errors import (
     ViewNotReadyError,
 )
 from muster.balancer.models import (
+    BRIEF_CANDIDATES,
     STRATEGIES,
     Decision,
     NodeInfo,
@@ -26,7 +27,6 @@ from muster.balancer.models import (
     node_of_route,
     rank,
     route_of,
-    split,
     verify_session_id,
 )
 from muster.balancer.store import Ask, session_to_proto
@@ -56,9 +56,6 @@ def _session_id(field: str, value: str) -> str:
     if any(c.isspace() for c in value):
         raise InvalidArgumentError(field, "must not contain spaces")
     return value
-
-
-BRIEF_CANDIDATES = 10
 
 
 def _candidates(decision: Decision, everyone: bool) -> list[balancer_pb2.Candidate]:
@@ -107,7 +104,7 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
             await c.fresh_loads(wait=False)
         if not c.ready:
             raise ViewNotReadyError()
-        candidates, excluded = split(await c.current_nodes(), labels)
+        candidates, excluded = await c.current_split(labels)
         if not candidates:
             raise NoEligibleNodeError([(n.id, n.address, r) for n, r in excluded], labels)
         await c.route_keys()
@@ -139,21 +136,24 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
             )
             append_id = 0
         else:
-            placed = await c.placer.place(Ask(user, kind, request_id, candidates, excluded, forced, fallback))
+            everyone = request.all_candidates or c.diagnostics is not None
+            placed = await c.placer.place(
+                Ask(user, kind, request_id, candidates, excluded, forced, fallback, everyone=everyone)
+            )
             session, append_id = placed.session, placed.append_id
             if placed.decision is not None:
                 metrics.placements.add(1, {"strategy": placed.decision.strategy})
             decision = placed.decision or Decision(
                 next((n for n in candidates if n.id == session.node_id), candidates[0]), (), (), strategy
             )
-        telemetry.annotate(strategy=decision.strategy, node_id=session.node_id, candidates=len(decision.scored))
+        telemetry.annotate(strategy=decision.strategy, node_id=session.node_id, candidates=decision.candidates)
         if c.diagnostics is not None and placed_decision(decision):
             c.diagnostics.record(user, kind, labels, decision, session.id, request.dry_run)
         return pb.PlaceSessionResponse(
             session=session_to_proto(session),
             strategy=decision.strategy,
             candidates=_candidates(decision, request.all_candidates),
-            candidate_count=len(decision.scored),
+            candidate_count=decision.candidates,
             excluded=[balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in decision.excluded],
             fallback=decision.fallback,
             revision=await c.store.revision_of(append_id) if request.wait_for_revision and append_id else 0,

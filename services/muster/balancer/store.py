@@ -27,6 +27,7 @@ import asyncpg
 from muster.api.balancer.v1 import balancer_pb2
 from muster.balancer.errors import SessionNotFoundError
 from muster.balancer.models import (
+    BRIEF_CANDIDATES,
     Counts,
     Decision,
     NodeInfo,
@@ -146,6 +147,7 @@ class Ask:
     excluded: list[tuple[NodeInfo, str]]
     forced: NodeInfo | None = None
     fallback: str = ""
+    everyone: bool = False  # score every candidate for the answer, not only the best few
 
 
 @dataclass
@@ -267,7 +269,8 @@ class BalancerStore:
                         out.append(Placed(out[fresh[a.request_id]].session, None))
                         continue
                     used = "sessions" if strategy == "custom" else strategy
-                    ranked = rank(used, a.user, a.candidates, counts)
+                    limit = None if a.everyone or a.forced is not None else BRIEF_CANDIDATES
+                    ranked = rank(used, a.user, a.candidates, counts, limit)
                     winner = a.forced if a.forced is not None else ranked[0].node
                     sid = new_session_id(key, winner.route)
                     c = counts.get(winner.id, Counts())
@@ -278,7 +281,8 @@ class BalancerStore:
                     session = Session(
                         sid, winner.id, winner.address, winner.route, a.user, a.kind, SessionState.PLACED, 0, now, None
                     )
-                    out.append(Placed(session, Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback)))
+                    decision = Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback, len(a.candidates))
+                    out.append(Placed(session, decision))
                     payloads.append(
                         (balancer_pb2.SessionPlaced(session=session_to_proto(session), strategy=name), winner.id)
                     )
