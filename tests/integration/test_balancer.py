@@ -235,7 +235,7 @@ async def test_the_custom_strategy_decides_or_falls_back_within_its_timeout(
             placed = await c.place_session("ana")
             took = time.monotonic() - started
     if falls_back:
-        assert placed.strategy == "sessions" and "timed out" in placed.fallback
+        assert placed.strategy == "sessions" and "timed out" in placed.fallback, placed.fallback
         assert took < 2.0, took
     else:
         assert (placed.strategy, placed.fallback, placed.node_id) == ("custom", "", max(nodes)), placed.fallback
@@ -405,3 +405,59 @@ async def _mode_seen(b: Cluster, node_id: int, *, draining: bool) -> bool:
 
 async def _none_online(b: Cluster) -> bool:
     return not any(n.state == "ONLINE" for n in (await b.status()).nodes)
+
+
+async def test_a_node_never_takes_more_sessions_than_its_capacity(database_url: str) -> None:
+    """``muster.io/max-sessions``: sixty placements at once through two replicas onto three nodes of
+    ten each — exactly thirty land, ten per node, the rest are refused naming the full nodes; a dead
+    node's sessions move only into room that frees up."""
+    cap = {"muster.io/max-sessions": "10"}
+    with control_planes(database_url, 2, CALM) as (a, b):
+        async with Cluster.connect(a.address) as ca, Cluster.connect(b.address) as cb:
+            nodes = [await ca.join_node(f"cap{i}-{time.monotonic_ns()}.test", 8787, labels=cap) for i in range(3)]
+            await _ready(ca, 3)
+            await _ready(cb, 3)
+
+            async def place(i: int) -> int | Exception:
+                try:
+                    return (await (ca if i % 2 else cb).place_session(f"user{i}")).node_id
+                except E.NoEligibleNodeError as exc:
+                    return exc
+
+            results = await asyncio.wait_for(asyncio.gather(*(place(i) for i in range(60))), 60)
+            placed = [r for r in results if isinstance(r, int)]
+            refused = [r for r in results if isinstance(r, Exception)]
+            assert len(placed) == 30 and len(refused) == 30
+            assert Counter(placed) == {n.node_id: 10 for n in nodes}
+            assert all(f"node {n.node_id}" in str(refused[0]) for n in nodes) and "full" in str(refused[0])
+            with pytest.raises(E.NoEligibleNodeError):
+                await ca.place_session("dry", dry_run=True)
+
+            # The first node dies: the others are full, so its sessions stay until room frees up.
+            dead, kept, other = nodes
+            await ca.leave_node(dead)
+            await asyncio.sleep(2.5)  # a sweep has run
+            by_node = Counter(s.node_id for s in await ca.list_sessions())
+            assert by_node == {dead.node_id: 10, kept.node_id: 10, other.node_id: 10}
+            for s in (await ca.list_sessions(node_id=kept.node_id))[:4]:
+                await ca.report_session_ended(kept.node_id, s.id)
+
+            async def moved_into_the_room() -> bool:
+                return Counter(s.node_id for s in await ca.list_sessions()) == {
+                    dead.node_id: 6,
+                    kept.node_id: 10,
+                    other.node_id: 10,
+                }
+
+            await wait_for(moved_into_the_room, timeout=10, what="four sessions to move into the freed room")
+            assert max(Counter(s.node_id for s in await cb.list_sessions()).values()) == 10
+
+
+async def test_a_capacity_label_must_be_a_whole_number(database_url: str) -> None:
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with Cluster.connect(server.address) as c:
+            for bad in ("0", "ten", "-3", "1.5", "10000000"):
+                with pytest.raises(E.InvalidArgumentError) as err:
+                    await c.join_node(f"bad-{bad}.test", 8787, labels={"muster.io/max-sessions": bad})
+                assert "muster.io/max-sessions" in str(err.value) and "labels" in str(err.value)
+            assert (await c.list_nodes()).nodes == []

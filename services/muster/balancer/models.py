@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from muster.core.validate import CAPACITY_LABEL
+
 STRATEGIES = ("sessions", "system-load", "user-hash", "custom")
 ROUTE_PURPOSE = "session-routes"
 _RAND_BYTES = 8
@@ -59,6 +61,17 @@ class NodeInfo:
     def route(self) -> str:
         """The node's route name: the suffix of its sessions' ids."""
         return route_of(self.id)
+
+    @property
+    def capacity(self) -> int | None:
+        """The most sessions the node takes (its ``muster.io/max-sessions`` label), or None."""
+        value = self.labels.get(CAPACITY_LABEL)
+        return int(value) if value is not None and value.isdigit() else None
+
+    def has_room(self, counts: Counts) -> bool:
+        """Whether one more session fits under the node's capacity."""
+        capacity = self.capacity
+        return capacity is None or counts.sessions < capacity
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,7 +66,11 @@ class Placer:
                     fut.set_exception(exc)
             return
         for (_, fut), placed in zip(batch, results, strict=True):
-            if not fut.done():
+            if fut.done():
+                continue
+            if placed.error is not None:
+                fut.set_exception(placed.error)
+            else:
                 fut.set_result(placed)
 
     async def close(self) -> None:

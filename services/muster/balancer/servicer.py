@@ -19,6 +19,7 @@ from muster.balancer.errors import (
 from muster.balancer.models import (
     BRIEF_CANDIDATES,
     STRATEGIES,
+    Counts,
     Decision,
     NodeInfo,
     Session,
@@ -117,6 +118,14 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
                 forced, fallback = await c.custom.choose(user, kind, labels, candidates, counts)
         if request.dry_run:
             counts = await c.store.counts([n.id for n in candidates])
+            full = [(n, "full") for n in candidates if not n.has_room(counts.get(n.id, Counts()))]
+            if full:
+                excluded = sorted([*excluded, *full], key=lambda e: e[0].id)
+                candidates = [n for n in candidates if n.has_room(counts.get(n.id, Counts()))]
+                if not candidates:
+                    raise NoEligibleNodeError([(n.id, n.address, r) for n, r in excluded], labels)
+                if forced is not None and forced not in candidates:
+                    forced, fallback = None, f"the custom strategy chose node {forced.id}, which is full"
             used = strategy if strategy != "custom" else "sessions"
             ranked = rank(used, user, candidates, counts)
             winner = forced or ranked[0].node
@@ -138,9 +147,10 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         else:
             everyone = request.all_candidates or c.diagnostics is not None
             placed = await c.placer.place(
-                Ask(user, kind, request_id, candidates, excluded, forced, fallback, everyone=everyone)
+                Ask(user, kind, request_id, candidates, excluded, forced, fallback, everyone=everyone, labels=labels)
             )
             session, append_id = placed.session, placed.append_id
+            assert session is not None  # a refusal was raised by the placer
             if placed.decision is not None:
                 metrics.placements.add(1, {"strategy": placed.decision.strategy})
             decision = placed.decision or Decision(

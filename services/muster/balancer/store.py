@@ -25,9 +25,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from muster.api.balancer.v1 import balancer_pb2
-from muster.balancer.errors import SessionNotFoundError
+from muster.balancer.errors import NoEligibleNodeError, SessionNotFoundError
 from muster.balancer.models import (
     BRIEF_CANDIDATES,
+    CAPACITY_LABEL,
     Counts,
     Decision,
     NodeInfo,
@@ -148,15 +149,25 @@ class Ask:
     forced: NodeInfo | None = None
     fallback: str = ""
     everyone: bool = False  # score every candidate for the answer, not only the best few
+    labels: dict[str, str] = field(default_factory=dict)  # the requirement (for a refusal's words)
+    capped: bool = field(init=False, default=False)  # a candidate has a capacity limit
+
+    def __post_init__(self) -> None:
+        self.capped = any(n.capacity is not None for n in self.candidates)
+
+
+def _reasons(excluded: list[tuple[NodeInfo, str]]) -> list[tuple[int, str, str]]:
+    return [(n.id, n.address, r) for n, r in excluded]
 
 
 @dataclass
 class Placed:
     """A batch's answer to one Ask: the session, and the decision (None for a deduplicated retry)."""
 
-    session: Session
+    session: Session | None
     decision: Decision | None
     append_id: int = 0
+    error: Exception | None = None  # every candidate is full: the caller gets this instead
 
 
 @dataclass
@@ -269,19 +280,30 @@ class BalancerStore:
                         out.append(Placed(out[fresh[a.request_id]].session, None))
                         continue
                     used = "sessions" if strategy == "custom" else strategy
-                    limit = None if a.everyone or a.forced is not None else BRIEF_CANDIDATES
-                    ranked = rank(used, a.user, a.candidates, counts, limit)
-                    winner = a.forced if a.forced is not None else ranked[0].node
+                    pool, excluded, forced, fallback = a.candidates, a.excluded, a.forced, a.fallback
+                    if a.capped:  # decided here, on the counts this transaction holds: never past a limit
+                        none = Counts()
+                        pool = [n for n in a.candidates if n.has_room(counts.get(n.id, none))]
+                        full = [(n, "full") for n in a.candidates if not n.has_room(counts.get(n.id, none))]
+                        excluded = sorted([*a.excluded, *full], key=lambda e: e[0].id)
+                        if not pool:
+                            out.append(Placed(None, None, error=NoEligibleNodeError(_reasons(excluded), a.labels)))
+                            continue
+                        if forced is not None and not forced.has_room(counts.get(forced.id, none)):
+                            forced, fallback = None, f"the custom strategy chose node {forced.id}, which is full"
+                    limit = None if a.everyone or forced is not None else BRIEF_CANDIDATES
+                    ranked = rank(used, a.user, pool, counts, limit)
+                    winner = forced if forced is not None else ranked[0].node
                     sid = new_session_id(key, winner.route)
                     c = counts.get(winner.id, Counts())
                     counts[winner.id] = Counts(c.sessions + 1, c.placed + 1)
                     delta[winner.id] += 1
                     rows.add(sid, winner, a.user, a.kind, SessionState.PLACED, request_id=a.request_id, place_time=now)
-                    name = strategy if a.forced is not None or strategy != "custom" else "sessions"
+                    name = strategy if forced is not None or strategy != "custom" else "sessions"
                     session = Session(
                         sid, winner.id, winner.address, winner.route, a.user, a.kind, SessionState.PLACED, 0, now, None
                     )
-                    decision = Decision(winner, tuple(ranked), tuple(a.excluded), name, a.fallback, len(a.candidates))
+                    decision = Decision(winner, tuple(ranked), tuple(excluded), name, fallback, len(pool))
                     out.append(Placed(session, decision))
                     payloads.append(
                         (balancer_pb2.SessionPlaced(session=session_to_proto(session), strategy=name), winner.id)
@@ -437,8 +459,18 @@ class BalancerStore:
                     delta: Counter[int] = Counter({node_id: -len(rows)})
                     placed: Counter[int] = Counter()
                     olds, news = [], []
+                    capped = any(n.capacity is not None for n in pool)
                     for s in rows:
-                        winner = rank(used, s.user, pool, counts)[0].node
+                        fits = [n for n in pool if n.has_room(counts.get(n.id, Counts()))] if capped else pool
+                        if not fits:
+                            log.warning(
+                                "node %s's sessions cannot all be moved: every other node is full (%s)",
+                                node_id,
+                                CAPACITY_LABEL,
+                                extra={"event": "sessions_stranded", "node": node_id},
+                            )
+                            break
+                        winner = rank(used, s.user, fits, counts, 1)[0].node
                         sid = new_session_id(key, winner.route)
                         c = counts.get(winner.id, Counts())
                         is_placed = s.state is SessionState.PLACED
@@ -459,6 +491,10 @@ class BalancerStore:
                         )
                         olds.append(s.id)
                         news.append(sid)
+                    if not olds:
+                        return -1
+                    rows = rows[: len(olds)]
+                    delta[node_id] = -len(olds)
                     await con.execute(DELETE_SESSIONS, olds)
                     inserted = {r["id"]: Session.from_row(r) for r in await con.fetch(INSERT_SESSIONS, *new.cols)}
                     await con.execute(FOLLOW_MOVES, olds, news)

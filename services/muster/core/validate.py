@@ -14,6 +14,8 @@ from muster.core.errors import InvalidArgumentError
 
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+# A node carrying this label takes at most that many sessions (the balancer's capacity limit).
+CAPACITY_LABEL = "muster.io/max-sessions"
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 MAX_PAGE_SIZE = 10_000
 DEFAULT_PAGE_SIZE = 1_000
@@ -91,6 +93,8 @@ def labels(field: str, value: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgumentError(field, f"key {k[:64]!r} must be 1-63 characters: letters, digits, ._/-")
         if len(v) > 256:
             raise InvalidArgumentError(field, f"value of {k!r} is longer than 256 characters")
+        if k == CAPACITY_LABEL and not (v.isdigit() and 1 <= int(v) <= 1_000_000):
+            raise InvalidArgumentError(field, f"{CAPACITY_LABEL} must be a whole number of sessions, 1 to 1000000")
     if len(value) > 64:
         raise InvalidArgumentError(field, "at most 64 labels")
     return dict(value)
