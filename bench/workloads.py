@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench.cluster import control_plane
 
@@ -19,9 +22,39 @@ class Options:
 
     runs: int
     seconds: float
-    concurrency: int
+    concurrency: int  # --concurrency, else 64
     fsync: bool
     quick: bool
+    concurrency_given: bool = False  # --concurrency was given: it replaces a workload's own levels
+    replicas: int | None = None  # --replicas, else None: each workload's own (1; 2 for state-changes)
+
+    def levels(self, *default: int) -> tuple[int, ...]:
+        """The concurrency levels to run: the one asked for, else the workload's own."""
+        return (self.concurrency,) if self.concurrency_given else default
+
+    def conc(self, default: int = 64) -> int:
+        """The one concurrency level to run: the one asked for, else the workload's own."""
+        return self.concurrency if self.concurrency_given else default
+
+    def n_replicas(self, default: int = 1) -> int:
+        """How many server replicas to start."""
+        return self.replicas or default
+
+
+@dataclass
+class Figure:
+    """One printed figure, kept for the plot and the JSON file."""
+
+    name: str
+    value: float
+    unit: str
+    runs: list[float]
+    p50_ms: float
+    p99_ms: float
+    latencies: list[float] = field(repr=False)  # seconds
+
+
+FIGURES: list[Figure] = []  # every figure _report printed, in order
 
 
 @dataclass
@@ -43,6 +76,7 @@ def _report(name: str, unit: str, runs: list[float], latencies: list[float]) -> 
         f"p50 {p50:.2f} ms p99 {p99:.2f} ms",
         flush=True,
     )
+    FIGURES.append(Figure(name, value, unit, list(runs), p50, p99, lat))
 
 
 def _run_clients(target: Callable[..., Result], args_per_process: list[tuple]) -> list[Result]:
@@ -56,6 +90,16 @@ def _run_clients(target: Callable[..., Result], args_per_process: list[tuple]) -
 
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _processes(concurrency: int) -> list[int]:
+    """Client tasks per client process: two processes (one when there is a single client)."""
+    return _split(concurrency, 2) if concurrency > 1 else [1]
+
+
+def _replica(addresses: list[str], i: int) -> str:
+    """Client process ``i``'s replica: processes are spread over the replicas in turn."""
+    return addresses[i % len(addresses)]
 
 
 def _loop_run(coro) -> Result:  # noqa: ANN001
@@ -118,15 +162,16 @@ def upserts(opts: Options) -> None:
             await con.close()
 
         asyncio.run(setup())
+        conc = opts.conc()
         runs, lats = [], []
         for _ in range(opts.runs):
             results = _run_clients(
                 _upsert_client,
-                [(cluster.database_url, n, opts.seconds, i * 1000) for i, n in enumerate(_split(opts.concurrency, 2))],
+                [(cluster.database_url, n, opts.seconds, i * 1000) for i, n in enumerate(_processes(conc))],
             )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
-        _report(f"postgres-upserts c={opts.concurrency}", "upserts/s", runs, lats)
+        _report(f"postgres-upserts c={conc}", "upserts/s", runs, lats)
 
 
 # -- registry ------------------------------------------------------------------------------------
@@ -221,34 +266,43 @@ def _join_all(address: str, count: int, prefix: str) -> list[tuple[int, int]]:
 
 
 def joins(opts: Options) -> None:
-    """Joins through one replica: 1,000 distinct nodes at concurrency 64."""
-    total = 100 if opts.quick else 1_000
-    with control_plane(1, fsync=opts.fsync) as cluster:
+    """Node joins through one replica: 1,000 distinct nodes at concurrency 64."""
+    total, conc, replicas = (100 if opts.quick else 1_000), opts.conc(), opts.n_replicas()
+    with control_plane(replicas, fsync=opts.fsync) as cluster:
         runs, lats = [], []
         for run in range(opts.runs):
-            parts = _split(opts.concurrency, 2)
+            parts = _processes(conc)
             results = _run_clients(
-                _join_client, [(cluster.addresses[0], n, total // 2, f"r{run}p{i}") for i, n in enumerate(parts)]
+                _join_client,
+                [
+                    (_replica(cluster.addresses, i), n, k, f"r{run}p{i}")
+                    for i, (n, k) in enumerate(zip(parts, _split(total, len(parts)), strict=True))
+                ],
             )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
-        _report(f"joins n={total} c={opts.concurrency} replicas=1", "joins/s", runs, lats)
+        _report(f"joins n={total} c={conc} replicas={replicas}", "joins/s", runs, lats)
 
 
 def heartbeats(opts: Options) -> None:
     """Heartbeats through one replica: 10,000 heartbeats of 1,000 nodes at concurrency 64."""
     total, nodes_n = (1_000, 100) if opts.quick else (10_000, 1_000)
-    with control_plane(1, fsync=opts.fsync) as cluster:
+    conc, replicas = opts.conc(), opts.n_replicas()
+    with control_plane(replicas, fsync=opts.fsync) as cluster:
         nodes = _join_all(cluster.addresses[0], nodes_n, "hb")
         runs, lats = [], []
         for _ in range(opts.runs):
-            parts = _split(opts.concurrency, 2)
+            parts = _processes(conc)
             results = _run_clients(
-                _heartbeat_client, [(cluster.addresses[0], n, total // 2, nodes[i::2]) for i, n in enumerate(parts)]
+                _heartbeat_client,
+                [
+                    (_replica(cluster.addresses, i), n, k, nodes[i :: len(parts)])
+                    for i, (n, k) in enumerate(zip(parts, _split(total, len(parts)), strict=True))
+                ],
             )
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
-        _report(f"heartbeats n={total} c={opts.concurrency} replicas=1", "heartbeats/s", runs, lats)
+        _report(f"heartbeats n={total} c={conc} replicas={replicas}", "heartbeats/s", runs, lats)
 
 
 def _change_client(addresses: list[str], tasks: int, seconds: float, nodes: list[int], start_at: float) -> Result:
@@ -324,15 +378,16 @@ def _watch_client(address: str, seconds: float, start_at: float) -> Result:
 
 def changes(opts: Options) -> None:
     """State changes through the event log: 64 writers spread over two replicas, a watcher following."""
-    with control_plane(2, fsync=opts.fsync, env={"MUSTER_PROGRESS_INTERVAL": "200ms"}) as cluster:
-        nodes = [n for n, _ in _join_all(cluster.addresses[0], opts.concurrency, "chg")]
+    conc, replicas = opts.conc(), opts.n_replicas(2)
+    with control_plane(replicas, fsync=opts.fsync, env={"MUSTER_PROGRESS_INTERVAL": "200ms"}) as cluster:
+        nodes = [n for n, _ in _join_all(cluster.addresses[0], conc, "chg")]
         runs, lats, lags = [], [], []
         for _ in range(opts.runs):
-            parts = _split(opts.concurrency, 2)
+            parts = _processes(conc)
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 3.0
-            with ctx.Pool(3) as pool:
-                watcher = pool.apply_async(_watch_client, (cluster.addresses[1], opts.seconds, start_at))
+            with ctx.Pool(len(parts) + 1) as pool:
+                watcher = pool.apply_async(_watch_client, (cluster.addresses[-1], opts.seconds, start_at))
                 writers = [
                     pool.apply_async(
                         _change_client,
@@ -348,7 +403,7 @@ def changes(opts: Options) -> None:
             lags.append(seen.elapsed)
             if seen.count < total:
                 raise AssertionError(f"the watcher saw {seen.count} of {total} changes")
-        _report(f"state-changes c={opts.concurrency} replicas=2", "changes/s", runs, lats)
+        _report(f"state-changes c={conc} replicas={replicas}", "changes/s", runs, lats)
         print(
             f"state-changes watcher caught up {max(lags) * 1000:.0f} ms after the writers stopped "
             f"(runs {len(lags)}: {min(lags) * 1000:.0f}..{max(lags) * 1000:.0f} ms)",
@@ -398,14 +453,15 @@ def _store_writer(url: str, tasks: int, seconds: float, nodes: list[int], start_
 
 def log(opts: Options) -> None:
     """The event log's own capacity: 64 writers in two processes through the store (no gRPC), a watcher on a replica."""
+    conc = opts.conc()
     with control_plane(1, fsync=opts.fsync, env={"MUSTER_PROGRESS_INTERVAL": "200ms"}) as cluster:
-        nodes = [n for n, _ in _join_all(cluster.addresses[0], opts.concurrency, "log")]
+        nodes = [n for n, _ in _join_all(cluster.addresses[0], conc, "log")]
         runs, lats, lags = [], [], []
         for _ in range(opts.runs):
-            parts = _split(opts.concurrency, 2)
+            parts = _processes(conc)
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 3.0
-            with ctx.Pool(3) as pool:
+            with ctx.Pool(len(parts) + 1) as pool:
                 watcher = pool.apply_async(_watch_client, (cluster.addresses[0], opts.seconds, start_at))
                 writers = [
                     pool.apply_async(
@@ -422,7 +478,7 @@ def log(opts: Options) -> None:
             lags.append(seen.elapsed)
             if seen.count < total:
                 raise AssertionError(f"the watcher saw {seen.count} of {total} changes")
-        _report(f"event-log c={opts.concurrency} writers=2 processes (no gRPC)", "changes/s", runs, lats)
+        _report(f"event-log c={conc} writers={len(parts)} processes (no gRPC)", "changes/s", runs, lats)
         print(f"event-log watcher caught up {max(lags) * 1000:.0f} ms after the writers stopped", flush=True)
 
 
@@ -458,15 +514,14 @@ def _floor_client(addresses: list[str], tasks: int, seconds: float, start_at: fl
 
 def grpc_floor(opts: Options) -> None:
     """The gRPC ceiling: empty health checks over two replicas at concurrency 64, no database work."""
-    with control_plane(2, fsync=opts.fsync) as cluster:
+    conc, replicas = opts.conc(), opts.n_replicas(2)
+    with control_plane(replicas, fsync=opts.fsync) as cluster:
         runs, lats = [], []
         for _ in range(opts.runs):
-            results = _run_clients(
-                _floor_client, [(cluster.addresses, n, opts.seconds) for n in _split(opts.concurrency, 2)]
-            )
+            results = _run_clients(_floor_client, [(cluster.addresses, n, opts.seconds) for n in _processes(conc)])
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
-        _report(f"grpc-empty-calls c={opts.concurrency} replicas=2", "calls/s", runs, lats)
+        _report(f"grpc-empty-calls c={conc} replicas={replicas}", "calls/s", runs, lats)
 
 
 def _lock_client(address: str, tasks: int, seconds: float, names: list[str], start_at: float) -> Result:
@@ -507,38 +562,43 @@ def _lock_client(address: str, tasks: int, seconds: float, names: list[str], sta
 
 def locks(opts: Options) -> None:
     """Lock acquire+release cycles on distinct names at concurrency 1, 16 and 64."""
-    with control_plane(1, fsync=opts.fsync, service="locks") as cluster:
-        for conc in (1, 16, 64):
+    replicas = opts.n_replicas()
+    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+        for conc in opts.levels(1, 16, 64):
             runs, lats = [], []
             for run in range(opts.runs):
-                parts = _split(conc, 2 if conc > 1 else 1)
                 args = [
-                    (cluster.addresses[0], n, opts.seconds, [f"r{run}-p{i}-n{k}" for k in range(n)])
-                    for i, n in enumerate(parts)
+                    (_replica(cluster.addresses, i), n, opts.seconds, [f"r{run}-p{i}-n{k}" for k in range(n)])
+                    for i, n in enumerate(_processes(conc))
                 ]
                 results = _run_clients(_lock_client, args)
                 runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
                 lats += [x for r in results for x in r.latencies]
-            _report(f"lock-cycles distinct c={conc}", "cycles/s", runs, lats)
+            _report(f"lock-cycles distinct c={conc} replicas={replicas}", "cycles/s", runs, lats)
 
 
 def locks_contended(opts: Options) -> None:
     """Lock acquire+release cycles on one contended name (FIFO waiters) at concurrency 16 and 64."""
-    with control_plane(1, fsync=opts.fsync, service="locks") as cluster:
-        for conc in (16, 64):
+    replicas = opts.n_replicas()
+    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+        for conc in opts.levels(16, 64):
             runs, lats, handoffs = [], [], []
             for run in range(opts.runs):
-                args = [(cluster.addresses[0], n, opts.seconds, [f"hot-{run}-{conc}"]) for n in _split(conc, 2)]
+                args = [
+                    (_replica(cluster.addresses, i), n, opts.seconds, [f"hot-{run}-{conc}"])
+                    for i, n in enumerate(_processes(conc))
+                ]
                 results = _run_clients(_lock_client, args)
                 runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
                 lats += [x for r in results for x in r.latencies]
                 marks = sorted(m for r in results for m in r.marks)  # type: ignore[attr-defined]
                 # One exclusive holder at a time: the gap from a release's start to the next grant.
                 handoffs += [b[0] - a[1] for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[1]]
-            _report(f"lock-cycles contended c={conc}", "cycles/s", runs, lats)
+            _report(f"lock-cycles contended c={conc} replicas={replicas}", "cycles/s", runs, lats)
             if handoffs:
                 print(
-                    f"lock-handoff contended c={conc} median {statistics.median(handoffs) * 1000:.2f} ms "
+                    f"lock-handoff contended c={conc} replicas={replicas} "
+                    f"median {statistics.median(handoffs) * 1000:.2f} ms "
                     f"(release sent to the next holder's grant received, n={len(handoffs)})",
                     flush=True,
                 )
@@ -562,8 +622,10 @@ def _place_client(address: str, tasks: int, seconds: float, start_at: float) -> 
                 i = 0
                 while time.monotonic() < end:
                     s = time.monotonic()
-                    await cluster.place_session(f"user-{k}-{i}", kind="bench")
+                    placed = await cluster.place_session(f"user-{k}-{i}", kind="bench")
                     lat.append(time.monotonic() - s)
+                    if placed.strategy != "sessions":
+                        raise AssertionError(f"placed by {placed.strategy!r}, not the sessions strategy")
                     count += 1
                     i += 1
 
@@ -573,28 +635,33 @@ def _place_client(address: str, tasks: int, seconds: float, start_at: float) -> 
     return _loop_run(main())
 
 
-def _balancer_ready(address: str, nodes: int) -> None:
+def _balancer_ready(addresses: list[str], nodes: int) -> None:
+    """Joins ``nodes`` nodes through the first replica; returns once every replica's balancer shows them ONLINE."""
+
     async def main() -> None:
         from muster.client import Cluster
 
-        async with Cluster.connect(address) as cluster:
+        async with Cluster.connect(addresses[0]) as cluster:
             for i in range(nodes):
                 await cluster.join_node(f"bench-node-{i}.test", 8787)
-            for _ in range(200):
-                try:
-                    status = await cluster.status()
-                    if sum(n.state == "ONLINE" for n in status.nodes) >= nodes:
-                        return
-                except Exception:  # noqa: BLE001 - still loading its view
-                    pass
-                await asyncio.sleep(0.1)
-            raise RuntimeError("the balancer did not see the nodes")
+        for address in addresses:
+            async with Cluster.connect(address) as cluster:
+                for _ in range(200):
+                    try:
+                        status = await cluster.status()
+                        if sum(n.state == "ONLINE" for n in status.nodes) >= nodes:
+                            break
+                    except Exception:  # noqa: BLE001 - still loading its view
+                        pass
+                    await asyncio.sleep(0.1)
+                else:
+                    raise RuntimeError(f"the balancer at {address} did not see the nodes")
 
     asyncio.run(main())
 
 
 def placements(opts: Options) -> None:
-    """PlaceSession (reserving) through one balancer replica over 100 nodes, strategy sessions, at concurrency 64."""
+    """PlaceSession (reserving) over 100 nodes, strategy sessions, at concurrency 64 through one replica."""
     import base64
 
     env = {
@@ -604,19 +671,35 @@ def placements(opts: Options) -> None:
         "MUSTER_CHECK_IN_WINDOW": "1h",
         "MUSTER_LEASE_TTL": "1h",
     }
-    with control_plane(1, fsync=opts.fsync, env=env, service="registry,keys,balancer") as cluster:
-        _balancer_ready(cluster.addresses[0], 100)
+    conc, replicas = opts.conc(), opts.n_replicas()
+    with control_plane(replicas, fsync=opts.fsync, env=env, service="registry,keys,balancer") as cluster:
+        _balancer_ready(cluster.addresses, 100)
         runs, lats = [], []
         for _ in range(opts.runs):
-            args = [(cluster.addresses[0], n, opts.seconds) for n in _split(opts.concurrency, 2)]
+            args = [(_replica(cluster.addresses, i), n, opts.seconds) for i, n in enumerate(_processes(conc))]
             results = _run_clients(_place_client, args)
             runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
             lats += [x for r in results for x in r.latencies]
-        _report(f"placements c={opts.concurrency}", "placements/s", runs, lats)
+        _report(f"placements nodes=100 c={conc} replicas={replicas}", "placements/s", runs, lats)
 
 
-def _fanout_client(address: str, streams: int, seconds: float, start_at: float) -> dict[int, float]:
-    """Opens ``streams`` watch streams; returns, per revision, when the last of them received it."""
+def _write_revision(path: str, revision: int) -> None:
+    """Leaves ``revision`` in ``path`` whole (a tiny local file: fine from the event loop)."""
+    Path(path + ".tmp").write_text(str(revision))
+    os.replace(path + ".tmp", path)
+
+
+def _read_revision(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _fanout_client(address: str, streams: int, done_path: str, deadline: float) -> dict[int, float]:
+    """Opens ``streams`` watch streams from the head; returns, per revision, when the last of them
+    received it. A stream stops once it has the writer's last revision (which the writer leaves in
+    ``done_path``), or at ``deadline``."""
 
     async def main() -> dict[int, float]:
         import grpc
@@ -626,53 +709,80 @@ def _fanout_client(address: str, streams: int, seconds: float, start_at: float) 
 
         last: dict[int, float] = {}
         seen: dict[int, int] = {}
+        final: int | None = None
+
+        async def wait_for_writer() -> None:
+            nonlocal final
+            while final is None and time.monotonic() < deadline:
+                final = _read_revision(done_path)
+                if final is None:
+                    await asyncio.sleep(0.05)
+
         async with grpc.aio.insecure_channel(address) as ch:
             stub = g.RegistryServiceStub(ch)
             await ch.channel_ready()
             head = (await stub.GetCluster(pb.GetClusterRequest())).head_revision
-            end = start_at + seconds
 
             async def follow() -> None:
                 call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=head))
+                at = head
+                reading: asyncio.Future | None = None  # never cancelled while following: that would cancel the call
                 try:
-                    while time.monotonic() < end:
-                        try:
-                            msg = await asyncio.wait_for(call.read(), max(0.1, end - time.monotonic()))
-                        except TimeoutError:
-                            break
+                    while time.monotonic() < deadline and (final is None or at < final):
+                        if reading is None:
+                            reading = asyncio.ensure_future(call.read())
+                        done, _ = await asyncio.wait({reading}, timeout=0.2)
+                        if not done:
+                            continue
+                        msg, reading = reading.result(), None
                         if msg is grpc.aio.EOF:
                             break
                         now = time.monotonic()
                         for ev in msg.events.events:
+                            at = max(at, ev.revision)
                             seen[ev.revision] = seen.get(ev.revision, 0) + 1
                             if seen[ev.revision] == streams:
                                 last[ev.revision] = now
                 finally:
                     call.cancel()
+                    if reading is not None:
+                        reading.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                            await reading
 
-            await asyncio.gather(*(follow() for _ in range(streams)))
+            await asyncio.gather(wait_for_writer(), *(follow() for _ in range(streams)))
         return last
 
     return _loop_run(main())
 
 
-def _fanout_writer(address: str, changes: int, start_at: float) -> list[tuple[int, float]]:
-    async def main() -> list[tuple[int, float]]:
-        from muster.client import Cluster, NodeMode
+def _fanout_writer(address: str, host: str, changes: int, start_at: float, done_path: str) -> list[tuple[int, float]]:
+    """Joins a new node, then drains/undrains it ``changes`` times; returns (the change's revision, when
+    it was sent), and leaves the last revision in ``done_path`` for the watchers."""
 
+    async def main() -> list[tuple[int, float]]:
+        import grpc
+
+        from muster.api.registry.v1 import node_pb2
+        from muster.api.registry.v1 import registry_service_pb2 as pb
+        from muster.api.registry.v1 import registry_service_pb2_grpc as g
+
+        draining, active = node_pb2.Node.MODE_DRAINING, node_pb2.Node.MODE_ACTIVE
         out = []
-        async with Cluster.connect(address) as c:
-            node = (await c.join_node("fanout.test", 8787)).node_id
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = g.RegistryServiceStub(ch)
+            node = (await stub.JoinNode(pb.JoinNodeRequest(host=host, port=8787))).node.id
             await _sleep_until(start_at + 2.0)  # every stream is open by then
             for i in range(changes):
                 sent = time.monotonic()
-                changed = await c.set_node_mode(
-                    node, NodeMode.DRAINING if i % 2 == 0 else NodeMode.ACTIVE, wait_for_revision=True
+                resp = await stub.SetNodeMode(
+                    pb.SetNodeModeRequest(node_id=node, mode=draining if i % 2 == 0 else active, wait_for_revision=True)
                 )
-                del changed
-                head = (await c.get_cluster()).head_revision
-                out.append((head, sent))
+                if not resp.revision:
+                    raise AssertionError(f"SetNodeMode changed nothing: {resp}")
+                out.append((resp.revision, sent))
                 await asyncio.sleep(0.2)
+        _write_revision(done_path, out[-1][0] if out else 0)
         return out
 
     return asyncio.run(main())
@@ -680,17 +790,25 @@ def _fanout_writer(address: str, changes: int, start_at: float) -> list[tuple[in
 
 def fanout(opts: Options) -> None:
     """Event fan-out: a state change reaching all of N = 1, 100, 1,000 watchers (until the last has it)."""
-    changes = 5 if opts.quick else 20
-    with control_plane(1, fsync=opts.fsync) as cluster:
-        address = cluster.addresses[0]
-        for n in (1, 100) if opts.quick else (1, 100, 1000):
-            seconds = 3.0 + changes * 0.3 + 2.0
+    changes, replicas = (5 if opts.quick else 20), opts.n_replicas()
+    # The node written to never heartbeats: keep it within its check-in window (no events but ours).
+    env = {"MUSTER_HEARTBEAT_INTERVAL": "20m", "MUSTER_CHECK_IN_WINDOW": "1h", "MUSTER_LEASE_TTL": "1h"}
+    with control_plane(replicas, fsync=opts.fsync, env=env) as cluster:
+        for n in opts.levels(*((1, 100) if opts.quick else (1, 100, 1000))):
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 4.0
-            parts = _split(n, 2) if n > 1 else [1]
-            with ctx.Pool(len(parts) + 1) as pool:
-                watchers = [pool.apply_async(_fanout_client, (address, k, seconds, start_at)) for k in parts]
-                writer = pool.apply_async(_fanout_writer, (address, changes, start_at))
+            deadline = start_at + 2.0 + changes * 3.0  # only if the writer's last change never arrives
+            parts = _processes(n)
+            with tempfile.TemporaryDirectory(prefix="muster-bench-fanout-") as tmp, ctx.Pool(len(parts) + 1) as pool:
+                done_path = os.path.join(tmp, "done")
+                watchers = [
+                    pool.apply_async(_fanout_client, (_replica(cluster.addresses, i), k, done_path, deadline))
+                    for i, k in enumerate(parts)
+                ]
+                # With two replicas the writer uses the last: every change crosses replicas for some watchers.
+                writer = pool.apply_async(
+                    _fanout_writer, (cluster.addresses[-1], f"fanout-{n}.test", changes, start_at, done_path)
+                )
                 sent = writer.get(timeout=600)
                 received = [w.get(timeout=600) for w in watchers]
             delays = []
@@ -698,37 +816,51 @@ def fanout(opts: Options) -> None:
                 arrivals = [r.get(revision) for r in received]
                 if all(a is not None for a in arrivals):
                     delays.append(max(arrivals) - at)  # type: ignore[type-var,operator]
-            if not delays:
-                print(f"fanout watchers={n}: no change reached every watcher", flush=True)
-                continue
-            _report(f"fanout watchers={n}", "changes", [len(delays)], delays)
+            name = f"fanout watchers={n} replicas={replicas}"
+            if len(delays) < len(sent):
+                missed = [rev for rev, _ in sent if any(rev not in r for r in received)]
+                print(
+                    f"{name}: revisions {missed} of {[rev for rev, _ in sent]} did not reach every watcher", flush=True
+                )
+            if delays:
+                _report(name, "changes", [len(delays)], delays)
 
 
-def _list_client(address: str, start_at: float) -> Result:
-    async def main() -> Result:
+def _list_client(address: str, runs: int, start_at: float) -> list[Result]:
+    """``runs`` runs of 5 whole listings each, one after another."""
+
+    async def main() -> list[Result]:
         from muster.client import Cluster
 
+        out = []
         async with Cluster.connect(address) as c:
             await _sleep_until(start_at)
-            lat = []
-            t0 = time.monotonic()
-            for _ in range(5):
-                s = time.monotonic()
-                listed = await c.list_nodes()
-                lat.append(time.monotonic() - s)
-            return Result(len(listed.nodes), time.monotonic() - t0, lat)
+            for _ in range(runs):
+                lat = []
+                t0 = time.monotonic()
+                for _ in range(5):
+                    s = time.monotonic()
+                    listed = await c.list_nodes()
+                    lat.append(time.monotonic() - s)
+                out.append(Result(len(listed.nodes), time.monotonic() - t0, lat))
+        return out
 
     return _loop_run(main())
 
 
 def list_nodes(opts: Options) -> None:
-    """ListNodes of every node (all pages of 1,000) with 10,000 nodes joined."""
+    """ListNodes of every node (all pages of 1,000) with 10,000 nodes joined; one client, one call at a time."""
     total = 1_000 if opts.quick else 10_000
     with control_plane(1, fsync=opts.fsync) as cluster:
         _join_all(cluster.addresses[0], total, "ln")
-        result = _run_clients(_list_client, [(cluster.addresses[0],)])[0]
+        results = _run_clients(_list_client, [(cluster.addresses[0], opts.runs)])[0]
+        if any(r.count != total for r in results):
+            raise AssertionError(f"listed {[r.count for r in results]} nodes of {total}")
         _report(
-            f"list-nodes nodes={result.count}", "lists/s", [len(result.latencies) / result.elapsed], result.latencies
+            f"list-nodes nodes={total}",
+            "lists/s",
+            [len(r.latencies) / r.elapsed for r in results],
+            [x for r in results for x in r.latencies],
         )
 
 
