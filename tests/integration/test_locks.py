@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -145,6 +146,49 @@ async def test_a_hold_extended_while_its_expiry_is_being_settled_is_not_granted_
         assert await c.release(held) is True
         nxt = await asyncio.wait_for(waiter, 10)
         assert nxt.token > held.token
+
+
+async def test_an_acquire_that_settles_an_expired_hold_does_not_grant_beside_the_waiter_it_promoted(
+    database_url: str,
+) -> None:
+    """The acquire that finds the holder expired grants the waiter first in line; the acquire itself
+    must then see that grant (found by the chaos checker: both got the lock in one transaction)."""
+    server = ServerProcess(database_url, ["locks"], env={"MUSTER_LOCK_SWEEP_INTERVAL": "60s"}).start()
+    try:
+        async with Cluster.connect(server.address) as c:
+            quiet = await c.acquire("promote", ttl=SEC, holder="quiet")
+            waiter = asyncio.create_task(c.acquire("promote", ttl=10 * SEC, wait=10 * SEC, holder="first-in-line"))
+            await wait_for(lambda: _waiting(c, "promote", 1), what="the waiter queued")
+            await asyncio.sleep(1.3)  # the quiet hold has expired; no sweep has settled it
+            with pytest.raises(E.LockHeldError) as held:
+                await c.acquire("promote", ttl=SEC, holder="latecomer")  # settles: grants the waiter
+            assert held.value.metadata["holder"] == "first-in-line"
+            first = await asyncio.wait_for(waiter, 5)
+            assert first.token == quiet.token + 1
+            locks = {lock.name: lock for lock in await c.list_locks()}
+            assert [h["holder"] for h in locks["promote"].holders] == ["first-in-line"]
+    finally:
+        server.stop()
+
+
+async def test_waiters_giving_up_while_holds_expire_never_deadlock(locks_server) -> None:
+    """Waiters timing out (leaving the line) while the holds they wait for expire and are settled:
+    every call ends with a grant or LockHeldError, never INTERNAL (a deadlock found by the chaos run)."""
+    async with Cluster.connect(locks_server.address) as c:
+        outcomes: Counter[str] = Counter()
+
+        async def worker(k: int) -> None:
+            for _ in range(6):
+                try:
+                    lease = await c.acquire("churn", ttl=timedelta(milliseconds=300), wait=timedelta(milliseconds=250))
+                    outcomes["granted"] += 1
+                    if k % 2:
+                        await c.release(lease)  # the others let their holds expire
+                except E.LockHeldError:
+                    outcomes["held"] += 1
+
+        await asyncio.wait_for(asyncio.gather(*(worker(k) for k in range(12))), 60)
+        assert outcomes["granted"] > 0 and sum(outcomes.values()) == 72, outcomes
 
 
 async def test_readers_share_a_writer_excludes_and_no_writer_starves_behind_readers(locks_server) -> None:

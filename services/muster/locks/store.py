@@ -12,6 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -235,13 +236,14 @@ class LockStore:
 
     async def _settle(
         self, con: asyncpg.Connection, name: str, fence: int, now: datetime
-    ) -> tuple[int, list[asyncpg.Record], list[asyncpg.Record]]:
+    ) -> tuple[int, list[Any], list[asyncpg.Record]]:
         """Expires dead holds and waiters of ``name`` and grants waiters in order (the lock row is locked).
 
-        Returns the fence, the live holds and the waiters still queued, for the caller to decide on.
+        Returns the fence, the live holds — those granted here included, so that the caller never
+        grants beside them — and the waiters still queued, for the caller to decide on.
         """
         rows = await con.fetch(STATE, name)
-        holds = [r for r in rows if r["part"] == 2]
+        holds: list[Any] = [r for r in rows if r["part"] == 2]
         queue = [r for r in rows if r["part"] == 3]
         for row in rows:
             if row["part"] == 1:
@@ -269,6 +271,20 @@ class LockStore:
                     w["request_id"],
                     w["ttl"],
                     w["waiter_id"],
+                )
+                holds.append(
+                    {
+                        "lease_id": lease_id,
+                        "name": name,
+                        "token": fence,
+                        "mode": w["mode"],
+                        "holder": w["holder"],
+                        "node_id": w["node_id"],
+                        "request_id": w["request_id"],
+                        "ttl": w["ttl"],
+                        "grant_time": now,
+                        "expire_time": now + w["ttl"],
+                    }
                 )
         return fence, holds, queue[go:]
 
@@ -357,7 +373,7 @@ class LockStore:
                         await fut
                 except TimeoutError:
                     pass
-            hold = await asyncio.shield(self._abandon(waiter_id, keep_grant=True))
+            hold = await asyncio.shield(self._abandon(name, waiter_id, keep_grant=True))
             if hold is not None:
                 return hold
             async with self._pool.acquire() as con:
@@ -365,7 +381,7 @@ class LockStore:
             top = holds[0] if holds else None
             raise LockHeldError(name, top["holder"] if top else "a waiter ahead", top["token"] if top else 0)
         except asyncio.CancelledError:
-            await asyncio.shield(self._abandon(waiter_id, keep_grant=False))
+            await asyncio.shield(self._abandon(name, waiter_id, keep_grant=False))
             raise
         finally:
             self._grants.pop(waiter_id, None)
@@ -374,13 +390,17 @@ class LockStore:
         async with self._pool.acquire() as con:
             await con.execute(DELETE_WAITER, waiter_id)
 
-    async def _abandon(self, waiter_id: int, *, keep_grant: bool) -> Hold | None:
-        """Leaves the line; a grant that raced in is kept (timeout) or given back (cancel)."""
+    async def _abandon(self, name: str, waiter_id: int, *, keep_grant: bool) -> Hold | None:
+        """Leaves the line; a grant that raced in is kept (timeout) or given back (cancel).
+
+        The lock's row is locked before the waiter's, in the order every grant takes them (a grant
+        holds the lock row and marks the waiter): the other order deadlocked against a settle.
+        """
         async with self._pool.acquire() as con, con.transaction():
+            locked = await con.fetchrow(LOCK_ROW, name)
             row = await con.fetchrow(DELETE_WAITER, waiter_id)
-            if row is None:
+            if row is None or locked is None:
                 return None
-            locked = await con.fetchrow(LOCK_ROW, row["name"])
             if row["granted_lease_id"] is not None:
                 hold_row = await con.fetchrow("SELECT * FROM locks.holds WHERE lease_id = $1", row["granted_lease_id"])
                 if hold_row is not None and keep_grant:
