@@ -30,6 +30,12 @@ class HeartbeatBatcher:
 
     async def heartbeat(self, node_id: int, lease_id: int, load: Load) -> HeartbeatResult:
         """Renews one lease (batched with others); raises the node's domain error."""
+        return await self.submit(node_id, lease_id, load)
+
+    def submit(self, node_id: int, lease_id: int, load: Load) -> asyncio.Future[HeartbeatResult]:
+        """Queues one renewal and returns its future (no task of its own: what a stream carrying many
+        heartbeats uses). It resolves after the batch's commit, with the result or the node's error;
+        cancelling it before the batch is written only stops the caller from hearing the answer."""
         fut: asyncio.Future[HeartbeatResult] = asyncio.get_running_loop().create_future()
         began = time.monotonic()
         fut.add_done_callback(lambda _: metrics.heartbeat_commit.record(1000 * (time.monotonic() - began)))
@@ -38,7 +44,7 @@ class HeartbeatBatcher:
             self._flush_now.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="muster-heartbeats")
-        return await fut
+        return fut
 
     async def _run(self) -> None:
         while self._queue:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,10 +15,12 @@ from muster.core.events import EventBus
 from muster.core.watch import Streams, WatchLimits, run_watch
 from muster.registry import convert, keycheck
 from muster.registry.heartbeats import HeartbeatBatcher
-from muster.registry.models import Load, Mode, format_address
+from muster.registry.models import HeartbeatResult, Load, Mode, format_address
 from muster.registry.store import RegistryStore
 
 _MODES = {int(m): m for m in Mode}
+# Heartbeats a KeepAlive stream may have waiting for their group commit at once.
+_KEEPALIVE_IN_FLIGHT = 256
 
 
 def _load(field: str, msg: node_pb2.Load) -> Load:
@@ -79,15 +82,23 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         resp.server_time.FromDatetime(written.node.last_seen_time)
         return resp
 
-    async def _heartbeat(self, request: pb.HeartbeatRequest, field: str = "") -> pb.HeartbeatResponse:
+    @staticmethod
+    def _heartbeat_args(request: pb.HeartbeatRequest, field: str = "") -> tuple[int, int, Load]:
+        """The validated (node id, lease id, load) of a heartbeat; raises naming the bad field."""
         node_id = validate.positive_id(field + "node_id", request.node_id)
         lease_id = validate.positive_id(field + "lease_id", request.lease_id)
-        result = await self._batcher.heartbeat(node_id, lease_id, _load(field + "load", request.load))
+        return node_id, lease_id, _load(field + "load", request.load)
+
+    def _heartbeat_response(self, result: HeartbeatResult) -> pb.HeartbeatResponse:
         resp = pb.HeartbeatResponse()
         resp.lease_expire_time.FromDatetime(result.lease_expire_time)
         resp.server_time.FromDatetime(result.server_time)
         self._timing(resp)
         return resp
+
+    async def _heartbeat(self, request: pb.HeartbeatRequest, field: str = "") -> pb.HeartbeatResponse:
+        result = await self._batcher.heartbeat(*self._heartbeat_args(request, field))
+        return self._heartbeat_response(result)
 
     @translate_errors
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
@@ -96,15 +107,60 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def KeepAlive(
         self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        """One response per heartbeat; the first failing heartbeat ends the stream with its status."""
+        """One response per heartbeat, in request order; the first failing heartbeat ends the stream with its status.
+
+        Pipelined: requests are read and their heartbeats started while earlier ones wait for their
+        group commit (at most ``_KEEPALIVE_IN_FLIGHT`` per stream), so a stream carrying many nodes'
+        heartbeats joins each batch with all of them instead of one per commit. Nothing outlives
+        the stream: when it ends, fails or is cancelled, the reader and every heartbeat still in
+        flight are cancelled (a heartbeat already queued in a batch still commits; nobody is told).
+        """
+        slots = asyncio.Semaphore(_KEEPALIVE_IN_FLIGHT)
+        order: asyncio.Queue[asyncio.Future[HeartbeatResult] | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await slots.acquire()
+                    try:
+                        beat = self._batcher.submit(*self._heartbeat_args(req.heartbeat, "heartbeat."))
+                    except Exception as exc:  # noqa: BLE001 - bad input: answered in its turn
+                        beat = loop.create_future()
+                        beat.set_exception(exc)
+                    order.put_nowait(beat)
+            except Exception as exc:  # noqa: BLE001 - the stream broke: its status, in order, like a heartbeat's
+                failed: asyncio.Future[HeartbeatResult] = loop.create_future()
+                failed.set_exception(exc)
+                order.put_nowait(failed)
+            order.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        beat: asyncio.Future[HeartbeatResult] | None = None
+        last: HeartbeatResult | None = None
+        msg = pb.KeepAliveResponse()
         try:
-            async for req in request_iterator:
-                resp = await self._heartbeat(req.heartbeat, "heartbeat.")
-                await context.write(pb.KeepAliveResponse(heartbeat=resp))
+            while (beat := await order.get()) is not None:
+                result = await beat
+                if result != last:  # a batch's heartbeats share one answer (its commit's now())
+                    msg, last = pb.KeepAliveResponse(heartbeat=self._heartbeat_response(result)), result
+                await context.write(msg)
+                slots.release()
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped like every unary call
             await abort_with(context, translate(exc))
+        finally:
+            # Everything cancelled at once (before any await, so a second cancellation of this call
+            # cannot leave one behind), then collected with its exception.
+            reader.cancel()
+            leftovers = [beat] if beat is not None else []
+            while not order.empty():
+                if (item := order.get_nowait()) is not None:
+                    leftovers.append(item)
+            for item in leftovers:
+                item.cancel()
+            await asyncio.gather(reader, *leftovers, return_exceptions=True)
 
     @translate_errors
     async def LeaveNode(self, request: pb.LeaveNodeRequest, context: grpc.aio.ServicerContext) -> pb.LeaveNodeResponse:
