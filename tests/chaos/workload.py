@@ -239,7 +239,13 @@ async def lock(cfg: dict[str, Any], log: Log) -> None:
             try:
                 async with pool.acquire() as con:
                     return await con.fetchval(ENTER, token, phase, worker)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,  # a connection broken by a database restart mid-statement
+                TimeoutError,
+            ) as exc:
                 return f"error:{type(exc).__name__}"
 
         async def task(k: int) -> None:

@@ -206,6 +206,7 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
                 ("core", 1),
                 ("registry", 1),
                 ("registry", 2),
+                ("registry", 3),
                 ("locks", 1),
                 ("locks", 2),
                 ("keys", 1),

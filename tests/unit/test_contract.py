@@ -103,3 +103,13 @@ def test_unexpected_exceptions_never_leak_their_text() -> None:
     err = errors.translate(ValueError("secret-key-material"))
     assert err.code == grpc.StatusCode.INTERNAL
     assert "secret" not in str(err)
+
+
+def test_a_connection_broken_by_a_database_restart_is_unavailable_not_internal() -> None:
+    import asyncpg
+
+    # What asyncpg raised on a pooled connection when PostgreSQL restarted mid-statement (chaos run).
+    broken = asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
+    for exc in (broken, asyncpg.ConnectionDoesNotExistError("closed"), ConnectionRefusedError()):
+        err = errors.translate(exc)
+        assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"), exc

@@ -46,6 +46,12 @@ class Health(enum.Enum):
     MISSED_CHECK_IN = node_pb2.Node.HEALTH_MISSED_CHECK_IN
 
 
+# By wire number: a dict lookup is several times cheaper than calling the enum (10,000 nodes listed).
+_NODE_STATES = {s.value: s for s in NodeState}
+_NODE_MODES = {m.value: m for m in NodeMode}
+_HEALTHS = {h.value: h for h in Health}
+
+
 @dataclass(frozen=True, slots=True)
 class Load:
     """What a heartbeat reports."""
@@ -72,8 +78,14 @@ class Load:
         return cls(msg.load1, msg.load5, msg.load15, msg.cpu_count, msg.session_count)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _time(ts: Any) -> datetime | None:
-    return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
+    # Exact to the microsecond and faster than ToDatetime (10,000 nodes carry 30,000 of them).
+    if not (ts.seconds or ts.nanos):
+        return None
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +126,10 @@ class Node:
             host=msg.host,
             ipv4=msg.ipv4,
             port=msg.port,
-            state=NodeState(msg.state),
+            state=_NODE_STATES.get(msg.state) or NodeState(msg.state),
             state_reason=msg.state_reason,
-            mode=NodeMode(msg.mode),
-            health=Health(msg.health),
+            mode=_NODE_MODES.get(msg.mode) or NodeMode(msg.mode),
+            health=_HEALTHS.get(msg.health) or Health(msg.health),
             labels=dict(msg.labels),
             lease_id=msg.lease_id,
             create_time=_time(msg.create_time),

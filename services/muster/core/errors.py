@@ -163,6 +163,9 @@ def _is_store_failure(exc: BaseException) -> bool:
         | asyncio.TimeoutError
         | asyncpg.exceptions.ConnectionDoesNotExistError
         | asyncpg.exceptions.InterfaceError
+        # A connection whose server died mid-statement can report "cannot switch to state …;
+        # another operation is in progress" (seen when PostgreSQL restarts): the pool drops it.
+        | asyncpg.exceptions.InternalClientError
         | asyncpg.exceptions.CannotConnectNowError
         | asyncpg.exceptions.ConnectionFailureError
         | asyncpg.exceptions.AdminShutdownError

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from muster.api.registry.v1 import node_pb2
+from muster.core import timestamps
 from muster.registry.models import Cluster, Load, Node
 
 
@@ -19,28 +21,40 @@ def load_to_proto(load: Load) -> node_pb2.Load:
     )
 
 
+def node_fields(node: Node) -> dict[str, Any]:
+    """A Node message's fields (``node_pb2.Node(**f)``, or ``response.nodes.add(**f)``, which
+    builds it in place: a ListNodes page of 1,000 is not copied into its response)."""
+    load = node.load
+    return {
+        "id": node.id,
+        "address": node.address,
+        "host": node.host,
+        "ipv4": node.ipv4,
+        "port": node.port,
+        "state": node.state,
+        "state_reason": node.state_reason,
+        "mode": node.mode,
+        "health": node.health,
+        "labels": node.labels,
+        "lease_id": node.lease_id,
+        "load": {
+            "load1": load.load1,
+            "load5": load.load5,
+            "load15": load.load15,
+            "cpu_count": load.cpu_count,
+            "session_count": load.session_count,
+        },
+        "state_message": node.state_message,
+        "state_details": node.state_details,
+        "create_time": timestamps.fields(node.create_time),
+        "last_seen_time": timestamps.fields(node.last_seen_time),
+        "lease_expire_time": timestamps.fields(node.lease_expire_time),
+    }
+
+
 def node_to_proto(node: Node) -> node_pb2.Node:
     """A Node message."""
-    msg = node_pb2.Node(
-        id=node.id,
-        address=node.address,
-        host=node.host,
-        ipv4=node.ipv4,
-        port=node.port,
-        state=int(node.state),
-        state_reason=node.state_reason,
-        mode=int(node.mode),
-        health=int(node.health),
-        labels=node.labels,
-        lease_id=node.lease_id,
-        load=load_to_proto(node.load),
-        state_message=node.state_message,
-        state_details=node.state_details,
-    )
-    msg.create_time.FromDatetime(node.create_time)
-    msg.last_seen_time.FromDatetime(node.last_seen_time)
-    msg.lease_expire_time.FromDatetime(node.lease_expire_time)
-    return msg
+    return node_pb2.Node(**node_fields(node))
 
 
 def cluster_to_proto(

@@ -39,6 +39,11 @@ class Health(enum.IntEnum):
     MISSED_CHECK_IN = 2
 
 
+# By stored number: a dict lookup is several times cheaper than calling the enum (ListNodes of 10,000).
+_STATES = {int(s): s for s in State}
+_MODES = {int(m): m for m in Mode}
+_HEALTHS = {int(h): h for h in Health}
+
 # States that count toward max_nodes: refused nodes do not.
 COUNTED_STATES = (State.STARTING, State.ONLINE)
 # The states of a node refused for its keys.
@@ -72,7 +77,9 @@ class Load:
 
 
 def _json_dict(value: Any) -> dict[str, str]:
-    return json.loads(value) if isinstance(value, str) else dict(value)
+    if isinstance(value, str):
+        return {} if value == "{}" else json.loads(value)
+    return dict(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +114,10 @@ class Node:
             port=row["port"],
             ipv4=row["ipv4"],
             labels=_json_dict(row["labels"]),
-            state=State(row["state"]),
+            state=_STATES[row["state"]],
             state_reason=row["state_reason"],
-            mode=Mode(row["mode"]),
-            health=Health(row["health"]),
+            mode=_MODES[row["mode"]],
+            health=_HEALTHS[row["health"]],
             lease_id=row["lease_id"],
             create_time=row["create_time"],
             last_seen_time=row["last_seen_time"],

@@ -182,7 +182,9 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         size = validate.page_size("page_size", request.page_size)
         token = validate.decode_token("page_token", request.page_token, ("rank", "id"))
         page = await self._store.list_nodes((token["rank"], token["id"]) if token else (-1, 0), size)
-        resp = pb.ListNodesResponse(nodes=[convert.node_to_proto(n) for n in page.nodes], revision=page.revision)
+        resp = pb.ListNodesResponse(revision=page.revision)
+        for n in page.nodes:
+            resp.nodes.add(**convert.node_fields(n))
         if page.next_key:
             resp.next_page_token = validate.encode_token({"rank": page.next_key[0], "id": page.next_key[1]})
         resp.server_time.FromDatetime(page.server_time)
