@@ -318,13 +318,16 @@ def _change_client(addresses: list[str], tasks: int, seconds: float, nodes: list
             await c.channel_ready()
         lat: list[float] = []
         count = 0
+        # Every call changes the mode (so every acknowledged call is one event): start from the
+        # opposite of each node's mode now, which an earlier run may have left either way.
+        now = [(await stubs[0].GetNode(pb.GetNodeRequest(node_id=n))).node.mode for n in nodes]
         await _sleep_until(start_at)
         t0 = time.monotonic()
         end = t0 + seconds
 
         async def one(k: int) -> None:
             nonlocal count
-            stub, node_id, mode = stubs[k % len(stubs)], nodes[k], 2
+            stub, node_id, mode = stubs[k % len(stubs)], nodes[k], 3 - now[k]
             while time.monotonic() < end:
                 s = time.monotonic()
                 await stub.SetNodeMode(pb.SetNodeModeRequest(node_id=node_id, mode=mode))
@@ -341,8 +344,20 @@ def _change_client(addresses: list[str], tasks: int, seconds: float, nodes: list
     return _loop_run(main())
 
 
-def _watch_client(address: str, seconds: float, start_at: float) -> Result:
-    """Follows the stream from the head until the writers stop and it has caught up; reports how
+def _head(address: str) -> int:
+    """The cluster's head revision now (asked before the client processes start, so that a watcher
+    whose process starts late still follows from before the first change)."""
+    import grpc
+
+    from muster.api.registry.v1 import registry_service_pb2 as pb
+    from muster.api.registry.v1 import registry_service_pb2_grpc as g
+
+    with grpc.insecure_channel(address) as ch:
+        return g.RegistryServiceStub(ch).GetCluster(pb.GetClusterRequest(), timeout=30).head_revision
+
+
+def _watch_client(address: str, head: int, seconds: float, start_at: float) -> Result:
+    """Follows the stream from ``head`` until the writers stop and it has caught up; reports how
     many events it saw and how long after the writers stopped it reached the final head."""
 
     async def main() -> Result:
@@ -353,7 +368,6 @@ def _watch_client(address: str, seconds: float, start_at: float) -> Result:
 
         async with grpc.aio.insecure_channel(address) as ch:
             stub = g.RegistryServiceStub(ch)
-            head = (await stub.GetCluster(pb.GetClusterRequest())).head_revision
             call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=head))
             seen, last, last_at = 0, head, 0.0
             writers_end = start_at + seconds
@@ -387,7 +401,9 @@ def changes(opts: Options) -> None:
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 3.0
             with ctx.Pool(len(parts) + 1) as pool:
-                watcher = pool.apply_async(_watch_client, (cluster.addresses[-1], opts.seconds, start_at))
+                watcher = pool.apply_async(
+                    _watch_client, (cluster.addresses[-1], _head(cluster.addresses[-1]), opts.seconds, start_at)
+                )
                 writers = [
                     pool.apply_async(
                         _change_client,
@@ -428,13 +444,15 @@ def _store_writer(url: str, tasks: int, seconds: float, nodes: list[int], start_
         )
         lat: list[float] = []
         count = 0
+        # From the opposite of each node's mode now (an earlier run may have left it either way).
+        now = [(await store.get(n)).mode for n in nodes]
         await _sleep_until(start_at)
         t0 = time.monotonic()
         end = t0 + seconds
 
         async def one(k: int) -> None:
             nonlocal count
-            mode = Mode.DRAINING
+            mode = Mode.ACTIVE if now[k] == Mode.DRAINING else Mode.DRAINING
             while time.monotonic() < end:
                 s = time.monotonic()
                 await store.set_mode(nodes[k], mode)
@@ -462,7 +480,9 @@ def log(opts: Options) -> None:
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 3.0
             with ctx.Pool(len(parts) + 1) as pool:
-                watcher = pool.apply_async(_watch_client, (cluster.addresses[0], opts.seconds, start_at))
+                watcher = pool.apply_async(
+                    _watch_client, (cluster.addresses[0], _head(cluster.addresses[0]), opts.seconds, start_at)
+                )
                 writers = [
                     pool.apply_async(
                         _store_writer,
