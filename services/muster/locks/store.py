@@ -284,6 +284,7 @@ class LockStore:
                         "ttl": w["ttl"],
                         "grant_time": now,
                         "expire_time": now + w["ttl"],
+                        "waiter_id": w["waiter_id"],
                     }
                 )
         return fence, holds, queue[go:]
@@ -427,7 +428,10 @@ class LockStore:
     async def release(self, lease_id: int, reason: str = "RELEASED") -> bool:
         """Releases a hold and grants the next waiters; False when it was already gone."""
 
+        granted: list[int] = []
+
         async def attempt() -> bool:
+            granted.clear()
             async with self._pool.acquire() as con, con.transaction():
                 row = await con.fetchrow(HOLD_AND_LOCK, lease_id)
                 if row is None:
@@ -449,13 +453,18 @@ class LockStore:
                         reason,
                         extra={"event": "lock_released", "lock": hold.name},
                     )
-                await self._settle(con, hold.name, row["fence"], row["now"])
+                _, holds, _ = await self._settle(con, hold.name, row["fence"], row["now"])
+                granted.extend(h["waiter_id"] for h in holds if isinstance(h, dict))  # granted here
                 metrics.lock_hold.record(1000 * (row["now"] - hold.grant_time).total_seconds())
                 return True
 
         done = await retry_serialization(attempt)
         if done:
             self._committed()
+            # The hand-off: a waiter waiting on this replica learns of its grant now, not when the
+            # LockGranted event has been numbered and read back (others still learn it that way).
+            for waiter_id in granted:
+                self.granted(waiter_id)
         return done
 
     async def break_lock(self, name: str) -> tuple[int, int]:
