@@ -461,3 +461,39 @@ async def test_a_capacity_label_must_be_a_whole_number(database_url: str) -> Non
                     await c.join_node(f"bad-{bad}.test", 8787, labels={"muster.io/max-sessions": bad})
                 assert "muster.io/max-sessions" in str(err.value) and "labels" in str(err.value)
             assert (await c.list_nodes()).nodes == []
+
+
+async def test_a_move_decided_before_the_node_came_back_leaves_its_new_sessions(database_url: str) -> None:
+    """A replica that heard of a node's death late (it was stopped) must not move the sessions the
+    node took after it came back (found by the chaos checker: a session moved off a live node)."""
+    with control_planes(database_url, 2, CALM) as (a, b):
+        async with Cluster.connect(a.address) as ca, Cluster.connect(b.address) as cb:
+            host = f"back-{time.monotonic_ns()}.test"
+            node = await ca.join_node(host, 8787)
+            other = await ca.join_node(f"other-{time.monotonic_ns()}.test", 8787)
+            await _ready(ca, 2)
+            await _ready(cb, 2)
+            await ca.set_node_mode(node.node_id, NodeMode.DRAINING)
+            await wait_for(lambda: _mode_seen(ca, node.node_id, draining=True), what="the drain seen")
+            for i in range(5):  # the other node gets these: it is busier from now on
+                assert (await ca.place_session(f"early{i}")).node_id == other.node_id
+            await ca.set_node_mode(node.node_id, NodeMode.ACTIVE)
+            await wait_for(lambda: _mode_seen(ca, node.node_id, draining=False), what="the undrain seen")
+            await wait_for(lambda: _mode_seen(cb, node.node_id, draining=False), what="the undrain seen by b")
+            b.signal(signal.SIGSTOP)
+            try:
+                await ca.leave_node(node)  # OFFLINE while b is stopped; a moves nothing (it has none)
+                back = await ca.join_node(host, 8787)
+                assert back.node_id == node.node_id
+
+                async def online_again() -> bool:
+                    return any(n.node_id == node.node_id and n.state == "ONLINE" for n in (await ca.status()).nodes)
+
+                await wait_for(online_again, what="a to see the node ONLINE again")
+                taken = [await ca.place_session(f"late{i}") for i in range(3)]
+                assert {p.node_id for p in taken} == {node.node_id}
+            finally:
+                b.signal(signal.SIGCONT)
+            await asyncio.sleep(4.5)  # b follows the OFFLINE event, its mover and two sweeps run
+            where = {s.id: s.node_id for s in await ca.list_sessions()}
+            assert all(where.get(p.session.id) == node.node_id for p in taken), where

@@ -15,6 +15,7 @@ ends placements never started within ``placement_ttl``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -77,7 +78,7 @@ class BalancerComponent:
         self._keys_at = 0.0
         self._strategy = "sessions"
         self._strategy_at = 0.0
-        self._to_move: set[int] = set()
+        self._to_move: dict[int, int] = {}  # node id -> the revision that showed it dead (0: the sweep)
         self._nodes_cache: list[NodeInfo] | None = None
         self._splits: dict[tuple[tuple[str, str], ...], tuple[list[NodeInfo], list[tuple[NodeInfo, str]]]] = {}
         self._absent: set[int] = set()
@@ -312,25 +313,44 @@ class BalancerComponent:
             changed = node_pb2.NodeStateChanged()
             ev.proto.payload.Unpack(changed)
             if changed.node.state != node_pb2.Node.STATE_ONLINE:
-                self._schedule_move(changed.node.id)
+                self._schedule_move(changed.node.id, ev.revision)
         elif ev.kind == _NODE_DELETED:
-            self._schedule_move(ev.node_id)
+            self._schedule_move(ev.node_id, ev.revision)
         elif ev.kind == _STRATEGY_CHANGED:
             self._strategy_at = 0.0
 
-    def _schedule_move(self, node_id: int) -> None:
+    def _schedule_move(self, node_id: int, revision: int = 0) -> None:
         if node_id:
-            self._to_move.add(node_id)
+            self._to_move[node_id] = max(revision, self._to_move.get(node_id, 0))
             self._move_wake.set()
+
+    async def _still_dead(self, node_id: int, revision: int) -> bool:
+        """Whether a node scheduled to have its sessions moved is still not ONLINE: a move decided
+        from an event may run later (behind other moves, or after a pause), when the node has come
+        back and taken new sessions, which must stay (found by the chaos checker). The view is given
+        a moment to reach the event that scheduled the move; a node it shows ONLINE after that is alive."""
+        await self.current_nodes()
+        view = self._view
+        if view is None:
+            return True
+        if revision and view.revision < revision:
+            with contextlib.suppress(TimeoutError):
+                await view.wait_until(lambda _: view.revision >= revision, timeout=2.0)
+        node = view.nodes.get(node_id)
+        alive = node is not None and node.state.name == "ONLINE" and view.revision >= revision
+        return not alive
 
     async def _mover(self) -> None:
         while True:
             await self._move_wake.wait()
             self._move_wake.clear()
             while self._to_move:
-                node_id = self._to_move.pop()
+                node_id, revision = self._to_move.popitem()
                 try:
-                    await self.current_nodes()  # never onto a node a stale view shows ONLINE
+                    # (current_nodes: never onto a node a stale view shows ONLINE either)
+                    if not await self._still_dead(node_id, revision):
+                        log.info("node %s is ONLINE again: its sessions stay", node_id)
+                        continue
                     await self.route_keys()
                     await self.store.move_sessions(node_id, self.candidates, self.signing_key())
                 except asyncio.CancelledError:
