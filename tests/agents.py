@@ -8,6 +8,7 @@ path holds at most 107 bytes), removed when the agent is stopped.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from harness import ROOT
+
+_AGENT_NUMBERS = itertools.count(1)
 
 JOINED = re.compile(r"^muster agent: node (\d+) joined as (\S+) \(found by ([^)]+)\) via (\S+)$")
 REJOINED = re.compile(r"^muster agent: (.+); joined again as node (\d+)$")
@@ -54,7 +57,9 @@ class AgentProcess:
     ) -> None:
         self.addresses = addresses if isinstance(addresses, str) else ",".join(addresses)
         if host_name == "":
-            host_name = f"agent-{os.getpid()}-{id(self):x}.test"
+            # Unique per process and agent: id(self) was used once, and Python reuses the ids of
+            # collected objects, so a later agent took over an earlier one's node row.
+            host_name = f"agent-{os.getpid()}-{next(_AGENT_NUMBERS)}.test"
         self.host_name = host_name
         self.port = port
         self.args = args or []
