@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # run as a script: python tests/chaos/run.py
     __package__ = "tests.chaos"  # noqa: A001
     import tests.chaos  # noqa: F401 - puts tests/ on sys.path
 
+from muster.client._watch import NODE_EVENT_KINDS
+
 from . import checkers
 from .cluster import LEASE_TTL, ChaosCluster
 from .history import Run, snapshot
@@ -34,18 +36,7 @@ from .nemesis import JOB_TTL, LOCK_TTL, FaultLog, Nemesis
 
 LOCK_NAME = "chaos-hot"
 JOB = "chaos-tick"
-NODE_KINDS = [
-    "muster.api.registry.v1." + k
-    for k in (
-        "NodeJoined",
-        "NodeStateChanged",
-        "NodeModeChanged",
-        "NodeSuspected",
-        "NodeRecovered",
-        "NodeDeleted",
-        "ClusterReset",
-    )
-]
+NODE_KINDS = list(NODE_EVENT_KINDS)  # what a ClusterView follows: the filtered watcher's filter
 SKEWS = [("+3d", 3 * 86400), ("-7h", -7 * 3600), ("+400d", 400 * 86400), ("-30d", -30 * 86400)]
 
 
