@@ -130,7 +130,7 @@ async def test_a_hold_extended_while_its_expiry_is_being_settled_is_not_granted_
                 return bool(
                     await watcher.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%DELETE FROM locks.holds%'"
+                        "AND (query LIKE '%DELETE FROM locks.holds%' OR query LIKE '%locks.settle%')"
                     )
                 )
 

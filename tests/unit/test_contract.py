@@ -51,6 +51,7 @@ def test_error_reasons_are_pinned() -> None:
             "SESSION_NOT_FOUND",
             "FORGED_SESSION_ID",
             "STRATEGY_UNAVAILABLE",
+            "OPERATION_WITHDRAWN",
             "LOCK_NOT_HELD",
             "STALE_TOKEN",
             "FIRING_CLAIMED",

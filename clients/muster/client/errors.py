@@ -251,6 +251,10 @@ class MasterKeyMismatchError(FailedPreconditionError):
     """The stored keys were sealed under another master key than the server's."""
 
 
+class OperationWithdrawnError(MusterError):
+    """A lock operation this client withdrew (a cancelled acquire) before it completed."""
+
+
 class InternalError(MusterError):
     """A server bug."""
 
@@ -292,6 +296,7 @@ BY_REASON: dict[str, type[MusterError]] = {
     "SESSION_NOT_FOUND": SessionNotFoundError,
     "FORGED_SESSION_ID": ForgedSessionIdError,
     "STRATEGY_UNAVAILABLE": StrategyUnavailableError,
+    "OPERATION_WITHDRAWN": OperationWithdrawnError,
 }
 BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

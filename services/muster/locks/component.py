@@ -11,9 +11,13 @@ import grpc
 from muster.api.locks.v1 import lock_pb2, locks_service_pb2, locks_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
 from muster.core import events
+from muster.core.batch import GroupCommit
 from muster.core.server import Runtime
+from muster.locks import convert
+from muster.locks.jobs import JobStore
+from muster.locks.models import LockOp
 from muster.locks.servicer import LocksServicer
-from muster.locks.store import LockStore
+from muster.locks.store import LockStore, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +36,11 @@ class LocksComponent:
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self.store = LockStore(runtime.pool, runtime.bus.numberer)
-        self.servicer = LocksServicer(self.store)
+        self.jobs = JobStore(runtime.pool, runtime.bus.numberer)
+        # Two batches in flight: one's round trip overlaps the other's commit; locks.run takes
+        # its rows in name order, so the two never deadlock.
+        self.ops: GroupCommit[LockOp, Outcome] = GroupCommit(self.store.run, max_batch=500, in_flight=2, name="locks")
+        self.servicer = LocksServicer(self.store, self.jobs, self.ops)
 
     def mount(self, server: grpc.aio.Server) -> list[str]:
         locks_service_pb2_grpc.add_LocksServiceServicer_to_server(self.servicer, server)
@@ -43,7 +51,7 @@ class LocksComponent:
         self._runtime.spawn(self._follow(), "muster-locks-follow")
 
     async def stop(self) -> None:
-        pass
+        await self.ops.close()
 
     async def _sweep(self) -> None:
         s = self._runtime.settings
@@ -62,10 +70,12 @@ class LocksComponent:
 
     async def _on_event(self, ev: events.StoredEvent) -> None:
         if ev.kind == _GRANTED:
+            if not self.store.waiting:
+                return  # nobody here waits: no need to decode the grant
             granted = lock_pb2.LockGranted()
             ev.proto.payload.Unpack(granted)
             if granted.waiter_id:
-                self.store.granted(granted.waiter_id)
+                self.store.granted(granted.waiter_id, convert.hold_from_proto(granted.lease))
         elif ev.kind == _NODE_STATE:
             changed = node_pb2.NodeStateChanged()
             ev.proto.payload.Unpack(changed)

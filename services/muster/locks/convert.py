@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 from muster.api.locks.v1 import lock_pb2
-from muster.locks.models import Firing, Hold, LockInfo, Waiter
+from muster.locks.models import Firing, Hold, LockInfo, Mode, Waiter
 
 
 def hold_to_proto(hold: Hold) -> lock_pb2.Lease:
@@ -20,6 +22,21 @@ def hold_to_proto(hold: Hold) -> lock_pb2.Lease:
     msg.expire_time.FromDatetime(hold.expire_time)
     msg.ttl.FromTimedelta(hold.ttl)
     return msg
+
+
+def hold_from_proto(msg: lock_pb2.Lease) -> Hold:
+    """A Hold from a Lease message (a LockGranted event's)."""
+    return Hold(
+        msg.lease_id,
+        msg.name,
+        msg.token,
+        Mode(msg.mode),
+        msg.holder,
+        msg.node_id,
+        msg.ttl.ToTimedelta(),
+        msg.grant_time.ToDatetime(tzinfo=UTC),
+        msg.expire_time.ToDatetime(tzinfo=UTC),
+    )
 
 
 def waiter_to_proto(waiter: Waiter) -> lock_pb2.Waiter:

@@ -116,6 +116,37 @@ class Firing:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AcquireOp:
+    """An acquire in a batch: grant now, refuse (``wait`` 0), or queue."""
+
+    name: str
+    mode: Mode
+    holder: str
+    node_id: int
+    request_id: str
+    ttl: timedelta
+    wait: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseOp:
+    """A release in a batch (``reason`` goes into the LockReleased event)."""
+
+    lease_id: int
+    reason: str = "RELEASED"
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAliveOp:
+    """A keep-alive in a batch: the hold's expiry moves to the database's now plus its ttl."""
+
+    lease_id: int
+
+
+LockOp = AcquireOp | ReleaseOp | KeepAliveOp
+
+
 def compatible(mode: Mode, held: list[Mode]) -> bool:
     """Whether a hold in ``mode`` may join the current holds: shared with shared only."""
     if not held:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,15 @@ import grpc
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.api.locks.v1 import locks_service_pb2_grpc
 from muster.core import metrics, telemetry, validate
-from muster.core.errors import InvalidArgumentError, abort_with, to_status, translate, translate_errors
+from muster.core.batch import GroupCommit
+from muster.core.errors import InvalidArgumentError, MusterError, abort_with, to_status, translate, translate_errors
 from muster.locks import convert
-from muster.locks.models import Mode
-from muster.locks.store import LockStore
+from muster.locks.errors import LockHeldError
+from muster.locks.jobs import JobStore
+from muster.locks.models import AcquireOp, KeepAliveOp, LockOp, Mode, ReleaseOp
+from muster.locks.store import Acquired, LockStore, Outcome
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,200}$")
 _MODES = {0: Mode.EXCLUSIVE, 1: Mode.EXCLUSIVE, 2: Mode.SHARED}
@@ -43,11 +49,44 @@ def _holder(field: str, value: str, context: grpc.aio.ServicerContext) -> str:
     return value or context.peer()
 
 
-class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
-    """The lock service's RPCs."""
+class CancelledOperationError(MusterError):
+    """A Session operation withdrawn by its client (``cancel``)."""
 
-    def __init__(self, store: LockStore) -> None:
+    code = grpc.StatusCode.CANCELLED
+    reason = "OPERATION_WITHDRAWN"
+
+    def __init__(self) -> None:
+        super().__init__("the operation was withdrawn by its client", domain="muster.locks")
+
+
+def _operation_error(seq: int, exc: Exception) -> pb.SessionResponse:
+    err = translate(exc)
+    return pb.SessionResponse(
+        seq=seq, error=pb.OperationError(code=err.code.value[0], message=str(err), details=err.details())
+    )
+
+
+class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
+    """The lock service's RPCs.
+
+    Args:
+        store: the lock tables.
+        jobs: the single-run jobs' table.
+        ops: the replica's batcher of lock operations (acquire, release, keep-alive), shared by
+            every RPC and every Session stream.
+    """
+
+    def __init__(self, store: LockStore, jobs: JobStore, ops: GroupCommit[LockOp, Outcome]) -> None:
         self._store = store
+        self._jobs = jobs
+        self._ops = ops
+        self._undoing: set[asyncio.Task[object]] = set()
+
+    async def _run(self, op: LockOp) -> Outcome:
+        outcome = await self._ops(op)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
     async def _acquire(
         self, req: pb.AcquireRequest, context: grpc.aio.ServicerContext, prefix: str = ""
@@ -58,21 +97,54 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
         mode = validate.enum_value(prefix + "mode", req.mode, _MODES)
         if req.node_id < 0:
             raise InvalidArgumentError(prefix + "node_id", "must be 0 or a node id")
-        began = time.monotonic()
-        acquired = await self._store.acquire(
+        op = AcquireOp(
             name,
-            ttl=ttl,
-            wait=wait,
-            mode=mode,
-            holder=_holder(prefix + "holder", req.holder, context),
-            node_id=req.node_id,
-            request_id=validate.request_id(prefix + "request_id", req.request_id),
+            mode,
+            _holder(prefix + "holder", req.holder, context),
+            req.node_id,
+            validate.request_id(prefix + "request_id", req.request_id),
+            ttl,
+            wait,
         )
-        hold = acquired.hold or await self._store.wait_for_grant(name, acquired.waiter_id, acquired.deadline)
+        began = time.monotonic()
+        fut = self._ops.submit(op)
+        try:
+            outcome = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda f: self._undo(name, f))  # the caller is gone: give back what it got
+            raise
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, Acquired)
+        hold = outcome.hold or await self._store.wait_for_grant(
+            name, outcome.waiter_id, asyncio.get_running_loop().time() + wait.total_seconds()
+        )
         metrics.lock_wait.record(1000 * (time.monotonic() - began))
         resp = pb.AcquireResponse(lease=convert.hold_to_proto(hold))
         resp.server_time.FromDatetime(hold.grant_time)
         return resp
+
+    def _undo(self, name: str, fut: asyncio.Future[Outcome]) -> None:
+        """An acquire whose caller left while its batch ran: its grant is released, its place in line given up."""
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        outcome = fut.result()
+        if not isinstance(outcome, Acquired):
+            return
+        if outcome.hold is not None:
+            undo = self._store.release(outcome.hold.lease_id)
+        else:
+            undo = self._store.wait_for_grant(name, outcome.waiter_id, 0.0)  # abandons at once
+        task: asyncio.Task[object] = asyncio.ensure_future(undo)
+        self._undoing.add(task)
+        task.add_done_callback(self._undone)
+
+    def _undone(self, task: asyncio.Task[object]) -> None:
+        self._undoing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, LockHeldError):
+                log.warning("giving back an abandoned acquire failed: %s", type(exc).__name__)
 
     @translate_errors
     async def Acquire(self, request: pb.AcquireRequest, context: grpc.aio.ServicerContext) -> pb.AcquireResponse:
@@ -81,11 +153,17 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
 
     async def _keep_alive(self, req: pb.KeepAliveRequest, prefix: str = "") -> pb.KeepAliveResponse:
         lease_id = validate.positive_id(prefix + "lease_id", req.lease_id)
-        expire, now = await self._store.keep_alive(lease_id)
+        kept = await self._run(KeepAliveOp(lease_id))
+        assert isinstance(kept, tuple)
+        expire, now = kept
         resp = pb.KeepAliveResponse(lease_id=lease_id)
         resp.expire_time.FromDatetime(expire)
         resp.server_time.FromDatetime(now)
         return resp
+
+    async def _release(self, req: pb.ReleaseRequest, prefix: str = "") -> pb.ReleaseResponse:
+        lease_id = validate.positive_id(prefix + "lease_id", req.lease_id)
+        return pb.ReleaseResponse(released=bool(await self._run(ReleaseOp(lease_id))))
 
     async def KeepAlive(
         self, request_iterator: AsyncIterator[pb.KeepAliveRequest], context: grpc.aio.ServicerContext
@@ -104,54 +182,59 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
     ) -> None:
         """Acquires, releases and keep-alives on one stream; each answered by seq, failures included.
 
-        Operations run concurrently (an acquire may wait while keep-alives flow); when the stream
-        ends, holds it acquired stay until released or expired.
+        Operations run concurrently (an acquire may wait in line while keep-alives flow) and join
+        the replica's batches; ``cancel`` withdraws a waiting one. When the stream ends, its waiting
+        acquires give their places up; holds it acquired stay until released or expired.
         """
-        lock = asyncio.Lock()
-        tasks: set[asyncio.Task[None]] = set()
+        write_lock = asyncio.Lock()
+        running: dict[int, asyncio.Task[None]] = {}
 
-        async def answer(req: pb.SessionRequest) -> None:
+        async def answer(req: pb.SessionRequest, which: str | None) -> None:
             try:
-                which = req.WhichOneof("op")
                 if which == "acquire":
                     resp = pb.SessionResponse(
                         seq=req.seq, acquired=await self._acquire(req.acquire, context, "acquire.")
                     )
                 elif which == "release":
-                    lease_id = validate.positive_id("release.lease_id", req.release.lease_id)
-                    resp = pb.SessionResponse(
-                        seq=req.seq, released=pb.ReleaseResponse(released=await self._store.release(lease_id))
-                    )
+                    resp = pb.SessionResponse(seq=req.seq, released=await self._release(req.release, "release."))
                 elif which == "keep_alive":
                     resp = pb.SessionResponse(
                         seq=req.seq, kept_alive=await self._keep_alive(req.keep_alive, "keep_alive.")
                     )
                 else:
-                    raise InvalidArgumentError("op", "one of acquire, release, keep_alive is required")
+                    raise InvalidArgumentError("op", "one of acquire, release, keep_alive, cancel is required")
+            except asyncio.CancelledError:
+                if not context.done() and req.seq in withdrawn:
+                    resp = _operation_error(req.seq, CancelledOperationError())
+                else:
+                    raise
             except Exception as exc:  # noqa: BLE001 - answered on the stream, the stream goes on
-                err = translate(exc)
-                resp = pb.SessionResponse(
-                    seq=req.seq,
-                    error=pb.OperationError(code=err.code.value[0], message=str(err), details=err.details()),
-                )
-            async with lock:
+                resp = _operation_error(req.seq, exc)
+            finally:
+                running.pop(req.seq, None)
+            async with write_lock:
                 await context.write(resp)
 
+        withdrawn: set[int] = set()
         try:
             async for req in request_iterator:
-                task = asyncio.create_task(answer(req))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                which = req.WhichOneof("op")
+                if which == "cancel":
+                    task = running.get(req.cancel.seq)
+                    if task is not None:
+                        withdrawn.add(req.cancel.seq)
+                        task.cancel()
+                    continue
+                running[req.seq] = asyncio.create_task(answer(req, which))
+            if running:
+                await asyncio.gather(*running.values(), return_exceptions=True)
         finally:
-            for task in tasks:
+            for task in list(running.values()):
                 task.cancel()
 
     @translate_errors
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
-        lease_id = validate.positive_id("lease_id", request.lease_id)
-        return pb.ReleaseResponse(released=await self._store.release(lease_id))
+        return await self._release(request)
 
     @translate_errors
     async def ListLocks(self, request: pb.ListLocksRequest, context: grpc.aio.ServicerContext) -> pb.ListLocksResponse:
@@ -194,7 +277,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
         job = _name("job", request.job)
         if not request.HasField("scheduled_time"):
             raise InvalidArgumentError("scheduled_time", "is required")
-        firing = await self._store.claim_firing(
+        firing = await self._jobs.claim_firing(
             job,
             request.scheduled_time.ToDatetime(tzinfo=_UTC),
             ttl=_duration("ttl", request.ttl, low=timedelta(milliseconds=100), high=timedelta(hours=24)),
@@ -216,7 +299,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
         if not request.HasField("scheduled_time"):
             raise InvalidArgumentError("scheduled_time", "is required")
         token = validate.positive_id("token", request.token)
-        firing = await self._store.complete_firing(
+        firing = await self._jobs.complete_firing(
             job, request.scheduled_time.ToDatetime(tzinfo=_UTC), token, failed=request.failed
         )
         return pb.CompleteFiringResponse(firing=convert.firing_to_proto(firing))
@@ -225,7 +308,7 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         size = validate.page_size("page_size", request.page_size) if request.page_size else 100
         job = _name("job", request.job) if request.job else ""
-        firings, now = await self._store.list_firings(job, size)
+        firings, now = await self._jobs.list_firings(job, size)
         resp = pb.ListJobsResponse(firings=[convert.firing_to_proto(f) for f in firings])
         resp.server_time.FromDatetime(now)
         return resp

@@ -92,6 +92,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The session id's route signature does not verify: forged or tampered; metadata `session_id`."""
     ERROR_REASON_STRATEGY_UNAVAILABLE: _ErrorReason.ValueType  # 34
     """The custom strategy is not configured on the server; metadata `strategy`."""
+    ERROR_REASON_OPERATION_WITHDRAWN: _ErrorReason.ValueType  # 35
+    """A Session stream operation was withdrawn by its own client (`cancel`) before it completed."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC failed: the `reason` of the `google.rpc.ErrorInfo` in a failed
@@ -169,4 +171,6 @@ ERROR_REASON_FORGED_SESSION_ID: ErrorReason.ValueType  # 33
 """The session id's route signature does not verify: forged or tampered; metadata `session_id`."""
 ERROR_REASON_STRATEGY_UNAVAILABLE: ErrorReason.ValueType  # 34
 """The custom strategy is not configured on the server; metadata `strategy`."""
+ERROR_REASON_OPERATION_WITHDRAWN: ErrorReason.ValueType  # 35
+"""A Session stream operation was withdrawn by its own client (`cancel`) before it completed."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

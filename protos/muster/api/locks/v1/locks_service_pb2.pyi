@@ -168,6 +168,7 @@ class SessionRequest(_message.Message):
     ACQUIRE_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Echoed in the answer."""
     @_builtins.property
@@ -182,6 +183,13 @@ class SessionRequest(_message.Message):
     def keep_alive(self) -> Global___KeepAliveRequest:
         """Extend a hold."""
 
+    @_builtins.property
+    def cancel(self) -> Global___CancelRequest:
+        """Withdraw an earlier operation of this stream that is still waiting (an acquire in line):
+        its place in line is given up, and a grant that raced in is released. The withdrawn
+        operation is answered (with CANCELLED unless it completed first); this one is not.
+        """
+
     def __init__(
         self,
         *,
@@ -189,16 +197,39 @@ class SessionRequest(_message.Message):
         acquire: Global___AcquireRequest | None = ...,
         release: Global___ReleaseRequest | None = ...,
         keep_alive: Global___KeepAliveRequest | None = ...,
+        cancel: Global___CancelRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "op", b"op", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "keep_alive", b"keep_alive", "op", b"op", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "keep_alive", b"keep_alive", "op", b"op", "release", b"release", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "keep_alive", b"keep_alive", "op", b"op", "release", b"release", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["acquire", "release", "keep_alive"]  # noqa: Y015
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["acquire", "release", "keep_alive", "cancel"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
 
 Global___SessionRequest: _TypeAlias = SessionRequest  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    """Withdraws the waiting operation sent with `seq` on the same Session stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """The seq of the operation to withdraw."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
 
 @_typing.final
 class SessionResponse(_message.Message):

@@ -106,7 +106,9 @@ class LocksServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """One stream carrying a client's acquires, releases and keep-alives (the fast path).
+        """One stream carrying a client's acquires, releases and keep-alives (the fast path). The
+        operations of every stream of a replica are applied in batches, one transaction each;
+        each is answered on its own stream, by seq, after its batch committed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

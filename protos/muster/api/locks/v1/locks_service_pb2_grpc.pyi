@@ -38,7 +38,10 @@ class LocksServiceStub:
     KeepAlive: _grpc.StreamStreamMultiCallable[_locks_service_pb2.KeepAliveRequest, _locks_service_pb2.KeepAliveResponse]
     """Extends leases: one answer per request."""
     Session: _grpc.StreamStreamMultiCallable[_locks_service_pb2.SessionRequest, _locks_service_pb2.SessionResponse]
-    """One stream carrying a client's acquires, releases and keep-alives (the fast path)."""
+    """One stream carrying a client's acquires, releases and keep-alives (the fast path). The
+    operations of every stream of a replica are applied in batches, one transaction each;
+    each is answered on its own stream, by seq, after its batch committed.
+    """
     Release: _grpc.UnaryUnaryMultiCallable[_locks_service_pb2.ReleaseRequest, _locks_service_pb2.ReleaseResponse]
     """Releases a hold; releasing one already gone succeeds."""
     ListLocks: _grpc.UnaryUnaryMultiCallable[_locks_service_pb2.ListLocksRequest, _locks_service_pb2.ListLocksResponse]
@@ -64,7 +67,10 @@ class LocksServiceAsyncStub(LocksServiceStub):
     KeepAlive: _aio.StreamStreamMultiCallable[_locks_service_pb2.KeepAliveRequest, _locks_service_pb2.KeepAliveResponse]  # type: ignore[assignment]
     """Extends leases: one answer per request."""
     Session: _aio.StreamStreamMultiCallable[_locks_service_pb2.SessionRequest, _locks_service_pb2.SessionResponse]  # type: ignore[assignment]
-    """One stream carrying a client's acquires, releases and keep-alives (the fast path)."""
+    """One stream carrying a client's acquires, releases and keep-alives (the fast path). The
+    operations of every stream of a replica are applied in batches, one transaction each;
+    each is answered on its own stream, by seq, after its batch committed.
+    """
     Release: _aio.UnaryUnaryMultiCallable[_locks_service_pb2.ReleaseRequest, _locks_service_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Releases a hold; releasing one already gone succeeds."""
     ListLocks: _aio.UnaryUnaryMultiCallable[_locks_service_pb2.ListLocksRequest, _locks_service_pb2.ListLocksResponse]  # type: ignore[assignment]
@@ -105,7 +111,10 @@ class LocksServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_locks_service_pb2.SessionRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_locks_service_pb2.SessionResponse], _abc.AsyncIterator[_locks_service_pb2.SessionResponse]]:
-        """One stream carrying a client's acquires, releases and keep-alives (the fast path)."""
+        """One stream carrying a client's acquires, releases and keep-alives (the fast path). The
+        operations of every stream of a replica are applied in batches, one transaction each;
+        each is answered on its own stream, by seq, after its batch committed.
+        """
 
     @_abc_1.abstractmethod
     def Release(
