@@ -23,6 +23,7 @@ from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
 from muster.client._keys import KeysApi
 from muster.client._locks import LocksApi
+from muster.client._lockstream import LockStream
 from muster.client._models import (
     Cluster as ClusterInfo,
 )
@@ -62,6 +63,7 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
         self.config = config
         self._registry = Endpoint(config.for_service("registry"), config, registry_service_pb2_grpc.RegistryServiceStub)
         self._locks = Endpoint(config.for_service("locks"), config, locks_service_pb2_grpc.LocksServiceStub)
+        self._lock_stream = LockStream(self._locks, config)
         self._keys = Endpoint(config.for_service("keys"), config, keys_service_pb2_grpc.KeysServiceStub)
         self._balancer = Endpoint(config.for_service("balancer"), config, balancer_service_pb2_grpc.BalancerServiceStub)
 
@@ -92,6 +94,7 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
 
     async def close(self) -> None:
         """Closes the channels. Open watches end."""
+        await self._lock_stream.close()
         await self._registry.close()
         await self._locks.close()
         await self._keys.close()

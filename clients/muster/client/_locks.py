@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import os
 import socket
 import time
@@ -26,7 +27,8 @@ import grpc
 from muster.api.locks.v1 import lock_pb2
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.client._channel import Endpoint, backoff
-from muster.client.errors import LockNotHeldError, MusterError, from_rpc_error
+from muster.client._lockstream import LockStream, StreamDown
+from muster.client.errors import LockHeldError, LockNotHeldError, MusterError, from_rpc_error, from_status
 
 if TYPE_CHECKING:
     pass
@@ -55,9 +57,20 @@ def _ts(ts: Any) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC) if ts.seconds or ts.nanos else None
 
 
+_HOST = socket.gethostname()
+_IDS = itertools.count(1)
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_RESULTS = {"acquire": "acquired", "release": "released", "keep_alive": "kept_alive"}
+
+
 def default_holder() -> str:
     """``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{_HOST}:{os.getpid()}"
+
+
+def _request_id() -> str:
+    """A request id unique to this call: a random prefix per process and a counter (cheaper than uuid4)."""
+    return f"{_ID_PREFIX}{os.getpid():x}-{next(_IDS)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +149,20 @@ class LocksApi:
     """The lock service's calls (mixed into :class:`muster.client.Cluster`)."""
 
     _locks: Endpoint
+    _lock_stream: LockStream
+
+    async def _lock_op(self, field: str, request: Any, method: str, timeout: timedelta) -> Any:
+        """One operation on the lock Session stream; a unary call (with retries) while it is down."""
+        try:
+            resp = await self._lock_stream.request(timeout.total_seconds(), **{field: request})
+        except StreamDown:
+            return await self._locks_call(method, request, timeout=timeout)
+        if resp.WhichOneof("result") == "error":
+            err = from_status(resp.error.code, resp.error.message, resp.error.details)
+            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return await self._locks_call(method, request, timeout=timeout)  # retried, as a unary call is
+            raise err
+        return getattr(resp, _RESULTS[field])
 
     async def _locks_call(
         self, method: str, request: Any, *, retry: bool = True, timeout: timedelta | None = None
@@ -158,16 +185,21 @@ class LocksApi:
             LockHeldError: held by another after ``wait`` (0: at once).
         """
         req = pb.AcquireRequest(
-            name=name, mode=mode.value, holder=holder or default_holder(), node_id=node_id, request_id=uuid.uuid4().hex
+            name=name, mode=mode.value, holder=holder or default_holder(), node_id=node_id, request_id=_request_id()
         )
         req.ttl.FromTimedelta(ttl)
         req.wait.FromTimedelta(wait)
         sent = time.monotonic()
-        resp = await self._locks_call("Acquire", req, timeout=wait + self.config.deadline)  # type: ignore[attr-defined]
+        resp = await self._lock_op("acquire", req, "Acquire", wait + self.config.deadline)  # type: ignore[attr-defined]
         lease = LockLease(resp.lease, sent + ttl.total_seconds())
         if time.monotonic() - sent > ttl.total_seconds() / 10:
             # Waited for a grant: the grant's own time is unknown here, so renew now to know a tight deadline.
-            await self.renew(lease)
+            try:
+                await self.renew(lease)
+            except LockNotHeldError as exc:
+                raise LockHeldError(
+                    f"{name} was granted but its lease ran out before it could be renewed", reason="LOCK_HELD"
+                ) from exc
         return lease
 
     async def renew(self, lease: LockLease) -> None:
@@ -177,6 +209,26 @@ class LocksApi:
             LockNotHeldError: the hold is gone (expired by the database's clock, broken, released).
         """
         sent = time.monotonic()
+        req = pb.KeepAliveRequest(lease_id=lease.lease_id)
+        try:
+            resp = await self._lock_stream.request(self.config.deadline.total_seconds(), keep_alive=req)  # type: ignore[attr-defined]
+        except StreamDown:
+            resp = None
+        if resp is not None and resp.WhichOneof("result") == "kept_alive":
+            answer = resp.kept_alive
+        elif resp is not None and resp.WhichOneof("result") == "error":
+            err = from_status(resp.error.code, resp.error.message, resp.error.details)
+            if isinstance(err, LockNotHeldError):
+                lease.state = LeaseState.LOST
+            raise err
+        else:
+            answer = await self._renew_unary(lease)
+        lease.expire_time = _ts(answer.expire_time)
+        lease.local_deadline = sent + lease.ttl.total_seconds()
+        lease.state = LeaseState.HELD
+
+    async def _renew_unary(self, lease: LockLease) -> pb.KeepAliveResponse:
+        """One keep-alive on a KeepAlive stream of its own (while the Session stream is down)."""
         call = self._locks.stub().KeepAlive(timeout=self.config.deadline.total_seconds())  # type: ignore[attr-defined]
         try:
             await call.write(pb.KeepAliveRequest(lease_id=lease.lease_id))
@@ -190,14 +242,17 @@ class LocksApi:
             if isinstance(err, LockNotHeldError):
                 lease.state = LeaseState.LOST
             raise err from exc
-        lease.expire_time = _ts(answer.expire_time)
-        lease.local_deadline = sent + lease.ttl.total_seconds()
-        lease.state = LeaseState.HELD
+        return answer  # type: ignore[no-any-return]
 
     async def release(self, lease: LockLease) -> bool:
         """Releases a lock (idempotent); False when it was already gone."""
         lease.state = LeaseState.LOST
-        resp = await self._locks_call("Release", pb.ReleaseRequest(lease_id=lease.lease_id))
+        resp = await self._lock_op(
+            "release",
+            pb.ReleaseRequest(lease_id=lease.lease_id),
+            "Release",
+            self.config.deadline,  # type: ignore[attr-defined]
+        )
         return bool(resp.released)
 
     def lock(
@@ -302,7 +357,7 @@ class LocksApi:
             holder=holder or default_holder(),
             node_id=node_id,
             recoverable=recoverable,
-            request_id=request_id or uuid.uuid4().hex,
+            request_id=request_id or _request_id(),
         )
         req.scheduled_time.FromDatetime(scheduled_time)
         req.ttl.FromTimedelta(ttl)

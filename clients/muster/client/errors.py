@@ -314,30 +314,54 @@ BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
 }
 
 
-def _details(err: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str, str]]:
+def _parse(details: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str, str]]:
     reason, metadata, retry_after, fields = "", {}, None, {}
-    for key, value in err.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
-            continue
-        for detail in status_pb2.Status.FromString(value).details:
-            info, retry, bad = (
-                error_details_pb2.ErrorInfo(),
-                error_details_pb2.RetryInfo(),
-                error_details_pb2.BadRequest(),
-            )
-            if detail.Unpack(info):
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Unpack(retry):
-                retry_after = retry.retry_delay.ToTimedelta()
-            elif detail.Unpack(bad):
-                fields = {v.field: v.description for v in bad.field_violations}
+    for detail in details:
+        info, retry, bad = (
+            error_details_pb2.ErrorInfo(),
+            error_details_pb2.RetryInfo(),
+            error_details_pb2.BadRequest(),
+        )
+        if detail.Unpack(info):
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Unpack(retry):
+            retry_after = retry.retry_delay.ToTimedelta()
+        elif detail.Unpack(bad):
+            fields = {v.field: v.description for v in bad.field_violations}
     return reason, metadata, retry_after, fields
+
+
+def _details(err: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str, str]]:
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            return _parse(status_pb2.Status.FromString(value).details)
+    return "", {}, None, {}
+
+
+def _build(
+    code: grpc.StatusCode, message: str, details: tuple[str, dict[str, str], timedelta | None, dict[str, str]]
+) -> MusterError:
+    reason, metadata, retry_after, fields = details
+    cls = BY_REASON.get(reason) or BY_CODE.get(code, MusterError)
+    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after, field_violations=fields)
 
 
 def from_rpc_error(err: grpc.RpcError) -> MusterError:
     """The MusterError for a failed call (keep the original as ``__cause__`` when raising it)."""
     code = err.code()  # type: ignore[attr-defined]
-    reason, metadata, retry_after, fields = _details(err)
-    cls = BY_REASON.get(reason) or BY_CODE.get(code, MusterError)
-    message = err.details() or code.name  # type: ignore[attr-defined]
-    return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after, field_violations=fields)
+    return _build(code, err.details() or code.name, _details(err))  # type: ignore[attr-defined]
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: int, message: str, details: Any) -> MusterError:
+    """The MusterError for a status sent as data (an operation's error on a stream that goes on).
+
+    Args:
+        code: the numeric gRPC status code.
+        message: the status message.
+        details: the ``google.protobuf.Any`` details (ErrorInfo, RetryInfo, BadRequest).
+    """
+    status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    return _build(status, message or status.name, _parse(details))

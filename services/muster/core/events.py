@@ -148,6 +148,10 @@ class Numberer:
                 if not w.done():
                     w.set_result(head)
 
+    def numbered(self, head: int) -> None:
+        """Learns of a numbering done inside a writer's own transaction (``core.number_pending()``)."""
+        self._on_numbered(head)
+
     async def number_once(self) -> int:
         """One numbering pass; returns the head revision after it."""
         async with self._pool.acquire() as con:

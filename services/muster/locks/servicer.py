@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -183,18 +184,22 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
         """Acquires, releases and keep-alives on one stream; each answered by seq, failures included.
 
         Operations run concurrently (an acquire may wait in line while keep-alives flow) and join
-        the replica's batches; ``cancel`` withdraws a waiting one. When the stream ends, its waiting
-        acquires give their places up; holds it acquired stay until released or expired.
+        the replica's batches; ``cancel`` withdraws a waiting one. A client that sends several
+        operations in one message (``ops``) gets the answers ready together in one message
+        (``results``): a stream message costs as much as a small transaction. When the stream ends,
+        its waiting acquires give their places up; holds it acquired stay until released or expired.
         """
-        write_lock = asyncio.Lock()
         running: dict[int, asyncio.Task[None]] = {}
+        withdrawn: set[int] = set()
+        ready: list[pb.SessionResponse] = []
+        wake = asyncio.Event()
+        batched = False
 
         async def answer(req: pb.SessionRequest, which: str | None) -> None:
             try:
                 if which == "acquire":
-                    resp = pb.SessionResponse(
-                        seq=req.seq, acquired=await self._acquire(req.acquire, context, "acquire.")
-                    )
+                    acquired = await self._acquire(req.acquire, context, "acquire.")
+                    resp = pb.SessionResponse(seq=req.seq, acquired=acquired)
                 elif which == "release":
                     resp = pb.SessionResponse(seq=req.seq, released=await self._release(req.release, "release."))
                 elif which == "keep_alive":
@@ -212,25 +217,54 @@ class LocksServicer(locks_service_pb2_grpc.LocksServiceServicer):
                 resp = _operation_error(req.seq, exc)
             finally:
                 running.pop(req.seq, None)
-            async with write_lock:
-                await context.write(resp)
+                withdrawn.discard(req.seq)
+            ready.append(resp)
+            wake.set()
 
-        withdrawn: set[int] = set()
+        def start(req: pb.SessionRequest) -> None:
+            which = req.WhichOneof("op")
+            if which == "cancel":
+                task = running.get(req.cancel.seq)
+                if task is not None:
+                    withdrawn.add(req.cancel.seq)
+                    task.cancel()
+                return
+            running[req.seq] = asyncio.create_task(answer(req, which))
+
+        async def write() -> None:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while ready:
+                    if batched and len(ready) > 1:
+                        out, ready[:] = pb.SessionResponse(results=ready), []
+                    else:
+                        out = ready.pop(0)
+                    await context.write(out)
+                if finished.is_set():
+                    return
+
+        finished = asyncio.Event()  # no more operations: the writer ends once it has written all
+        writer = asyncio.create_task(write())
         try:
             async for req in request_iterator:
-                which = req.WhichOneof("op")
-                if which == "cancel":
-                    task = running.get(req.cancel.seq)
-                    if task is not None:
-                        withdrawn.add(req.cancel.seq)
-                        task.cancel()
-                    continue
-                running[req.seq] = asyncio.create_task(answer(req, which))
-            if running:
+                if req.ops:
+                    batched = True
+                    for op in req.ops:
+                        start(op)
+                else:
+                    start(req)
+            while running:
                 await asyncio.gather(*running.values(), return_exceptions=True)
+            finished.set()
+            wake.set()
+            await writer
         finally:
             for task in list(running.values()):
                 task.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
 
     @translate_errors
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:

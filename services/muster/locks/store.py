@@ -79,7 +79,7 @@ CREDIT_WAITERS = "UPDATE locks.waiters SET deadline = deadline + $1::interval"
 CREDIT_FIRINGS = "UPDATE locks.firings SET expire_time = expire_time + $1::interval WHERE state = 1"
 
 # locks.outcome statuses (sql/0003_batches.sql)
-_GRANTED, _QUEUED, _REFUSED, _RELEASED, _GONE, _KEPT, _NOT_HELD, _WAITER_GRANTED, _EXPIRED = range(1, 10)
+_GRANTED, _QUEUED, _REFUSED, _RELEASED, _GONE, _KEPT, _NOT_HELD, _WAITER_GRANTED, _EXPIRED, _NUMBERED = range(1, 11)
 _OPS = {AcquireOp: 1, ReleaseOp: 2, KeepAliveOp: 3}
 _ZERO = timedelta(0)
 
@@ -149,17 +149,17 @@ class LockStore:
 
         rows = await retry_serialization(attempt)
         outcomes: list[Outcome | None] = [None] * n
-        changed = False
         for row in rows:
             status, i = row["status"], row["i"] - 1
+            if status == _NUMBERED:
+                self._numberer.numbered(row["token"])
+                continue
             if i < 0:
                 self._caused(row)
-                changed = True
                 continue
             op = ops[i]
             if status == _GRANTED:
                 outcomes[i] = Acquired(Hold.from_row(row))
-                changed = True
             elif status == _QUEUED:
                 # Registered before anything can hand it a grant (a release later in this batch).
                 self._grants.setdefault(row["waiter_id"], asyncio.get_running_loop().create_future())
@@ -170,7 +170,6 @@ class LockStore:
             elif status == _RELEASED:
                 assert isinstance(op, ReleaseOp)
                 outcomes[i] = True
-                changed = True
                 metrics.lock_hold.record(1000 * (row["now"] - row["grant_time"]).total_seconds())
                 if op.reason != "RELEASED":
                     log.info(
@@ -189,8 +188,6 @@ class LockStore:
             elif status == _NOT_HELD:
                 assert isinstance(op, KeepAliveOp)
                 outcomes[i] = LockNotHeldError(op.lease_id)
-        if changed:
-            self._committed()
         missing = [i for i, o in enumerate(outcomes) if o is None]
         if missing:
             raise RuntimeError(f"locks.run answered no outcome for operations {missing}")

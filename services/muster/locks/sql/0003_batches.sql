@@ -14,7 +14,7 @@ CREATE INDEX waiters_request ON locks.waiters (request_id) WHERE request_id <> '
 -- One outcome of a batch. i: the operation's place in the batch (1-based), 0 for what the batch
 -- caused (an expiry, a grant to a waiter). status: 1 granted, 2 queued, 3 refused (the blocking
 -- hold's holder and token; none: a waiter ahead), 4 released, 5 already gone, 6 kept alive,
--- 7 not held, 8 a waiter granted, 9 a hold expired.
+-- 7 not held, 8 a waiter granted, 9 a hold expired, 10 the events numbered (token: the new head).
 CREATE TYPE locks.outcome AS (
     i int,
     status int,
@@ -32,38 +32,47 @@ CREATE TYPE locks.outcome AS (
 );
 
 CREATE FUNCTION locks.outcome_of(p_i int, p_status int, h locks.holds) RETURNS locks.outcome
-LANGUAGE sql STABLE AS $$
-    SELECT ROW(p_i, p_status, h.name, h.lease_id, h.token, h.mode, h.holder, h.node_id, h.ttl, h.grant_time,
-               h.expire_time, h.waiter_id, now())::locks.outcome
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ROW(p_i, p_status, h.name, h.lease_id, h.token, h.mode, h.holder, h.node_id, h.ttl, h.grant_time,
+               h.expire_time, h.waiter_id, now())::locks.outcome;
+END $$;
 
 CREATE FUNCTION locks.outcome_bare(p_i int, p_status int, p_name text, p_waiter_id bigint) RETURNS locks.outcome
-LANGUAGE sql STABLE AS $$
-    SELECT ROW(p_i, p_status, p_name, 0, 0, 0, '', 0, NULL, NULL, NULL, p_waiter_id, now())::locks.outcome
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ROW(p_i, p_status, p_name, 0, 0, 0, '', 0, NULL, NULL, NULL, p_waiter_id, now())::locks.outcome;
+END $$;
 
 -- muster.api.locks.v1.Lease of a hold.
 CREATE FUNCTION locks.lease_pb(h locks.holds) RETURNS bytea
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT core.pb_string(1, h.name) || core.pb_int(2, h.lease_id) || core.pb_int(3, h.token)
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN core.pb_string(1, h.name) || core.pb_int(2, h.lease_id) || core.pb_int(3, h.token)
         || core.pb_int(4, h.mode) || core.pb_string(5, h.holder) || core.pb_int(6, h.node_id)
-        || core.pb_timestamp(7, h.grant_time) || core.pb_timestamp(8, h.expire_time) || core.pb_duration(9, h.ttl)
-$$;
+        || core.pb_timestamp(7, h.grant_time) || core.pb_timestamp(8, h.expire_time) || core.pb_duration(9, h.ttl);
+END $$;
 
-CREATE FUNCTION locks.granted_event(h locks.holds) RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT core.append_event('muster.api.locks.v1.LockGranted', h.node_id,
-                             core.pb_message(1, locks.lease_pb(h)) || core.pb_int(2, h.waiter_id))
-$$;
+CREATE FUNCTION locks.granted_event(h locks.holds) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO core.events (kind, node_id, payload)
+    VALUES ('muster.api.locks.v1.LockGranted', h.node_id,
+            core.pb_message(1, locks.lease_pb(h)) || core.pb_int(2, h.waiter_id));
+END $$;
 
-CREATE FUNCTION locks.released_event(h locks.holds, reason text) RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT core.append_event('muster.api.locks.v1.LockReleased', h.node_id,
-                             core.pb_message(1, locks.lease_pb(h)) || core.pb_string(2, reason))
-$$;
+CREATE FUNCTION locks.released_event(h locks.holds, reason text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO core.events (kind, node_id, payload)
+    VALUES ('muster.api.locks.v1.LockReleased', h.node_id,
+            core.pb_message(1, locks.lease_pb(h)) || core.pb_string(2, reason));
+END $$;
 
 -- Grants one hold (the caller has locked the lock's row): the fence moves on, the hold and its
--- LockGranted event are written.
+-- LockGranted event are written. The hold's times are the clock's now, not the transaction's
+-- start: a batch that waited for a row must not hand out a lease already partly spent (the
+-- holder's own deadline counts from when it asked, which is earlier still).
 CREATE FUNCTION locks.grant(p_name text, p_mode smallint, p_holder text, p_node_id bigint, p_request_id text,
                             p_ttl interval, p_waiter_id bigint) RETURNS locks.holds
 LANGUAGE plpgsql AS $$
@@ -73,7 +82,8 @@ DECLARE
 BEGIN
     UPDATE locks.locks SET fence = fence + 1 WHERE name = p_name RETURNING fence INTO v_token;
     INSERT INTO locks.holds (name, token, mode, holder, node_id, request_id, ttl, grant_time, expire_time, waiter_id)
-    VALUES (p_name, v_token, p_mode, p_holder, p_node_id, p_request_id, p_ttl, now(), now() + p_ttl, p_waiter_id)
+    VALUES (p_name, v_token, p_mode, p_holder, p_node_id, p_request_id, p_ttl, clock_timestamp(),
+            clock_timestamp() + p_ttl, p_waiter_id)
     RETURNING * INTO h;
     PERFORM locks.granted_event(h);
     RETURN h;
@@ -111,8 +121,9 @@ END $$;
 
 -- Applies a batch. ops: 1 acquire (name, mode, holder, node id, request id, ttl, wait), 2 release
 -- (lease id, reason), 3 keep-alive (lease id). Every lock row the batch touches is taken first,
--- in name order, in one statement, so batches on any replicas never deadlock; then each name that
--- needs it is settled once; then the operations run in arrival order, each seeing the ones before.
+-- in name order, in one statement, so batches on any replicas never deadlock; then the operations
+-- run in arrival order, each seeing the ones before. An acquire that finds an expired hold settles
+-- the lock first; a release grants the waiters it unblocks; what else is due the sweep settles.
 CREATE FUNCTION locks.run(p_ops int[], p_names text[], p_ids bigint[], p_modes smallint[], p_holders text[],
                           p_node_ids bigint[], p_request_ids text[], p_ttls interval[], p_waits interval[],
                           p_reasons text[])
@@ -120,8 +131,9 @@ RETURNS SETOF locks.outcome
 LANGUAGE plpgsql AS $$
 DECLARE
     v_names text[];
-    v_name text;
     v_waiter bigint;
+    v_expired int;
+    v_queued boolean;
     v_exclusive int;
     v_all int;
     h locks.holds;
@@ -133,18 +145,22 @@ BEGIN
     ) s WHERE x <> '';
     INSERT INTO locks.locks AS l (name) SELECT x FROM unnest(v_names) AS x ORDER BY x
     ON CONFLICT (name) DO UPDATE SET fence = l.fence;
-    FOR v_name IN
-        SELECT hh.name FROM locks.holds hh WHERE hh.name = ANY (v_names) AND hh.expire_time <= now()
-        UNION
-        SELECT ww.name FROM locks.waiters ww WHERE ww.name = ANY (v_names)
-        ORDER BY 1
-    LOOP
-        RETURN QUERY SELECT * FROM locks.settle(v_name);
-    END LOOP;
     FOR i IN 1 .. coalesce(array_length(p_ops, 1), 0) LOOP
         IF p_ops[i] = 1 THEN
-            IF p_request_ids[i] <> '' THEN  -- a retried acquire: the same hold, or the same place in line
-                SELECT * INTO h FROM locks.holds WHERE request_id = p_request_ids[i] AND name = p_names[i];
+            SELECT count(*) FILTER (WHERE mode = 1), count(*), count(*) FILTER (WHERE expire_time <= now()),
+                   EXISTS (SELECT 1 FROM locks.waiters WHERE name = p_names[i])
+            INTO v_exclusive, v_all, v_expired, v_queued FROM locks.holds WHERE name = p_names[i];
+            IF v_expired > 0 THEN  -- settled first: the expired go, the waiters they blocked may be granted
+                RETURN QUERY SELECT * FROM locks.settle(p_names[i]);
+                SELECT count(*) FILTER (WHERE mode = 1), count(*),
+                       EXISTS (SELECT 1 FROM locks.waiters WHERE name = p_names[i])
+                INTO v_exclusive, v_all, v_queued FROM locks.holds WHERE name = p_names[i];
+            END IF;
+            -- A retried acquire (its first answer was lost) gets its hold or its place in line back.
+            -- Only a lock that is held or waited for can have either, so a free one skips the lookup.
+            IF p_request_ids[i] <> '' AND (v_all > 0 OR v_queued) THEN
+                SELECT * INTO h FROM locks.holds
+                WHERE request_id = p_request_ids[i] AND name = p_names[i] AND expire_time > now();
                 IF FOUND THEN
                     RETURN NEXT locks.outcome_of(i, 1, h);
                     CONTINUE;
@@ -156,10 +172,7 @@ BEGIN
                     CONTINUE;
                 END IF;
             END IF;
-            SELECT count(*) FILTER (WHERE mode = 1), count(*) INTO v_exclusive, v_all
-            FROM locks.holds WHERE name = p_names[i];
-            IF NOT EXISTS (SELECT 1 FROM locks.waiters WHERE name = p_names[i])
-               AND (v_all = 0 OR (p_modes[i] = 2 AND v_exclusive = 0)) THEN
+            IF NOT v_queued AND (v_all = 0 OR (p_modes[i] = 2 AND v_exclusive = 0)) THEN
                 h := locks.grant(p_names[i], p_modes[i], p_holders[i], p_node_ids[i], p_request_ids[i], p_ttls[i], 0);
                 RETURN NEXT locks.outcome_of(i, 1, h);
             ELSIF p_waits[i] <= interval '0' THEN
@@ -199,4 +212,8 @@ BEGIN
             RAISE EXCEPTION 'locks.run: unknown operation % at %', p_ops[i], i;
         END IF;
     END LOOP;
+    -- The batch's events numbered before its commit (status 10, the new head in token).
+    IF EXISTS (SELECT 1 FROM core.events WHERE revision IS NULL) THEN
+        RETURN NEXT ROW(0, 10, '', 0, core.number_pending(), 0, '', 0, NULL, NULL, NULL, 0, now())::locks.outcome;
+    END IF;
 END $$;

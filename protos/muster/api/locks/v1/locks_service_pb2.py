@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from muster.api.locks.v1 import lock_pb2 as muster_dot_api_dot_locks_dot_v1_dot_lock__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'muster/api/locks/v1/locks_service.proto\x12\x13muster.api.locks.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1emuster/api/locks/v1/lock.proto\"\xd1\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x04mode\x18\x04 \x01(\x0e\x32\x1d.muster.api.locks.v1.LockMode\x12\x0e\n\x06holder\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"m\n\x0f\x41\x63quireResponse\x12)\n\x05lease\x18\x01 \x01(\x0b\x32\x1a.muster.api.locks.v1.Lease\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10KeepAliveRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"\x87\x01\n\x11KeepAliveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x02\n\x0eSessionRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x36\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32#.muster.api.locks.v1.AcquireRequestH\x00\x12\x36\n\x07release\x18\x03 \x01(\x0b\x32#.muster.api.locks.v1.ReleaseRequestH\x00\x12;\n\nkeep_alive\x18\x04 \x01(\x0b\x32%.muster.api.locks.v1.KeepAliveRequestH\x00\x12\x34\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\".muster.api.locks.v1.CancelRequestH\x00\x42\x04\n\x02op\"\x1c\n\rCancelRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"\x90\x02\n\x0fSessionResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x38\n\x08\x61\x63quired\x18\x02 \x01(\x0b\x32$.muster.api.locks.v1.AcquireResponseH\x00\x12\x38\n\x08released\x18\x03 \x01(\x0b\x32$.muster.api.locks.v1.ReleaseResponseH\x00\x12<\n\nkept_alive\x18\x04 \x01(\x0b\x32&.muster.api.locks.v1.KeepAliveResponseH\x00\x12\x34\n\x05\x65rror\x18\x05 \x01(\x0b\x32#.muster.api.locks.v1.OperationErrorH\x00\x42\x08\n\x06result\"V\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"9\n\x10ListLocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x87\x01\n\x11ListLocksResponse\x12(\n\x05locks\x18\x01 \x03(\x0b\x32\x19.muster.api.locks.v1.Lock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x10\x42reakLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x11\x42reakLockResponse\x12\r\n\x05\x66\x65nce\x18\x01 \x01(\x03\x12\x10\n\x08released\x18\x02 \x01(\x05\"3\n\x14ValidateFenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x03\"5\n\x15ValidateFenceResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\xfd\x01\n\x12\x43laimFiringRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x32\n\x0escheduled_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06holder\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\x03\x12\x13\n\x0brecoverable\x18\x06 \x01(\x08\x12\x34\n\x11misfire_threshold\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"B\n\x13\x43laimFiringResponse\x12+\n\x06\x66iring\x18\x01 \x01(\x0b\x32\x1b.muster.api.locks.v1.Firing\"w\n\x15\x43ompleteFiringRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x32\n\x0escheduled_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05token\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x08\"E\n\x16\x43ompleteFiringResponse\x12+\n\x06\x66iring\x18\x01 \x01(\x0b\x32\x1b.muster.api.locks.v1.Firing\"1\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x0b\n\x03job\x18\x02 \x01(\t\"q\n\x10ListJobsResponse\x12,\n\x07\x66irings\x18\x01 \x03(\x0b\x32\x1b.muster.api.locks.v1.Firing\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xba\x07\n\x0cLocksService\x12T\n\x07\x41\x63quire\x12#.muster.api.locks.v1.AcquireRequest\x1a$.muster.api.locks.v1.AcquireResponse\x12^\n\tKeepAlive\x12%.muster.api.locks.v1.KeepAliveRequest\x1a&.muster.api.locks.v1.KeepAliveResponse(\x01\x30\x01\x12X\n\x07Session\x12#.muster.api.locks.v1.SessionRequest\x1a$.muster.api.locks.v1.SessionResponse(\x01\x30\x01\x12T\n\x07Release\x12#.muster.api.locks.v1.ReleaseRequest\x1a$.muster.api.locks.v1.ReleaseResponse\x12Z\n\tListLocks\x12%.muster.api.locks.v1.ListLocksRequest\x1a&.muster.api.locks.v1.ListLocksResponse\x12Z\n\tBreakLock\x12%.muster.api.locks.v1.BreakLockRequest\x1a&.muster.api.locks.v1.BreakLockResponse\x12\x66\n\rValidateFence\x12).muster.api.locks.v1.ValidateFenceRequest\x1a*.muster.api.locks.v1.ValidateFenceResponse\x12`\n\x0b\x43laimFiring\x12\'.muster.api.locks.v1.ClaimFiringRequest\x1a(.muster.api.locks.v1.ClaimFiringResponse\x12i\n\x0e\x43ompleteFiring\x12*.muster.api.locks.v1.CompleteFiringRequest\x1a+.muster.api.locks.v1.CompleteFiringResponse\x12W\n\x08ListJobs\x12$.muster.api.locks.v1.ListJobsRequest\x1a%.muster.api.locks.v1.ListJobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'muster/api/locks/v1/locks_service.proto\x12\x13muster.api.locks.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1emuster/api/locks/v1/lock.proto\"\xd1\x01\n\x0e\x41\x63quireRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x04wait\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12+\n\x04mode\x18\x04 \x01(\x0e\x32\x1d.muster.api.locks.v1.LockMode\x12\x0e\n\x06holder\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"m\n\x0f\x41\x63quireResponse\x12)\n\x05lease\x18\x01 \x01(\x0b\x32\x1a.muster.api.locks.v1.Lease\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10KeepAliveRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"\x87\x01\n\x11KeepAliveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb8\x02\n\x0eSessionRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x36\n\x07\x61\x63quire\x18\x02 \x01(\x0b\x32#.muster.api.locks.v1.AcquireRequestH\x00\x12\x36\n\x07release\x18\x03 \x01(\x0b\x32#.muster.api.locks.v1.ReleaseRequestH\x00\x12;\n\nkeep_alive\x18\x04 \x01(\x0b\x32%.muster.api.locks.v1.KeepAliveRequestH\x00\x12\x34\n\x06\x63\x61ncel\x18\x05 \x01(\x0b\x32\".muster.api.locks.v1.CancelRequestH\x00\x12\x30\n\x03ops\x18\x06 \x03(\x0b\x32#.muster.api.locks.v1.SessionRequestB\x04\n\x02op\"\x1c\n\rCancelRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x03\"\xc7\x02\n\x0fSessionResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x38\n\x08\x61\x63quired\x18\x02 \x01(\x0b\x32$.muster.api.locks.v1.AcquireResponseH\x00\x12\x38\n\x08released\x18\x03 \x01(\x0b\x32$.muster.api.locks.v1.ReleaseResponseH\x00\x12<\n\nkept_alive\x18\x04 \x01(\x0b\x32&.muster.api.locks.v1.KeepAliveResponseH\x00\x12\x34\n\x05\x65rror\x18\x05 \x01(\x0b\x32#.muster.api.locks.v1.OperationErrorH\x00\x12\x35\n\x07results\x18\x06 \x03(\x0b\x32$.muster.api.locks.v1.SessionResponseB\x08\n\x06result\"V\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\"\n\x0eReleaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"9\n\x10ListLocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\x87\x01\n\x11ListLocksResponse\x12(\n\x05locks\x18\x01 \x03(\x0b\x32\x19.muster.api.locks.v1.Lock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12/\n\x0bserver_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\" \n\x10\x42reakLockRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"4\n\x11\x42reakLockResponse\x12\r\n\x05\x66\x65nce\x18\x01 \x01(\x03\x12\x10\n\x08released\x18\x02 \x01(\x05\"3\n\x14ValidateFenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x03\"5\n\x15ValidateFenceResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12\r\n\x05\x66\x65nce\x18\x02 \x01(\x03\"\xfd\x01\n\x12\x43laimFiringRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x32\n\x0escheduled_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06holder\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\x03\x12\x13\n\x0brecoverable\x18\x06 \x01(\x08\x12\x34\n\x11misfire_threshold\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"B\n\x13\x43laimFiringResponse\x12+\n\x06\x66iring\x18\x01 \x01(\x0b\x32\x1b.muster.api.locks.v1.Firing\"w\n\x15\x43ompleteFiringRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x32\n\x0escheduled_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05token\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x08\"E\n\x16\x43ompleteFiringResponse\x12+\n\x06\x66iring\x18\x01 \x01(\x0b\x32\x1b.muster.api.locks.v1.Firing\"1\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x0b\n\x03job\x18\x02 \x01(\t\"q\n\x10ListJobsResponse\x12,\n\x07\x66irings\x18\x01 \x03(\x0b\x32\x1b.muster.api.locks.v1.Firing\x12/\n\x0bserver_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xba\x07\n\x0cLocksService\x12T\n\x07\x41\x63quire\x12#.muster.api.locks.v1.AcquireRequest\x1a$.muster.api.locks.v1.AcquireResponse\x12^\n\tKeepAlive\x12%.muster.api.locks.v1.KeepAliveRequest\x1a&.muster.api.locks.v1.KeepAliveResponse(\x01\x30\x01\x12X\n\x07Session\x12#.muster.api.locks.v1.SessionRequest\x1a$.muster.api.locks.v1.SessionResponse(\x01\x30\x01\x12T\n\x07Release\x12#.muster.api.locks.v1.ReleaseRequest\x1a$.muster.api.locks.v1.ReleaseResponse\x12Z\n\tListLocks\x12%.muster.api.locks.v1.ListLocksRequest\x1a&.muster.api.locks.v1.ListLocksResponse\x12Z\n\tBreakLock\x12%.muster.api.locks.v1.BreakLockRequest\x1a&.muster.api.locks.v1.BreakLockResponse\x12\x66\n\rValidateFence\x12).muster.api.locks.v1.ValidateFenceRequest\x1a*.muster.api.locks.v1.ValidateFenceResponse\x12`\n\x0b\x43laimFiring\x12\'.muster.api.locks.v1.ClaimFiringRequest\x1a(.muster.api.locks.v1.ClaimFiringResponse\x12i\n\x0e\x43ompleteFiring\x12*.muster.api.locks.v1.CompleteFiringRequest\x1a+.muster.api.locks.v1.CompleteFiringResponse\x12W\n\x08ListJobs\x12$.muster.api.locks.v1.ListJobsRequest\x1a%.muster.api.locks.v1.ListJobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,41 +44,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEEPALIVERESPONSE']._serialized_start=550
   _globals['_KEEPALIVERESPONSE']._serialized_end=685
   _globals['_SESSIONREQUEST']._serialized_start=688
-  _globals['_SESSIONREQUEST']._serialized_end=950
-  _globals['_CANCELREQUEST']._serialized_start=952
-  _globals['_CANCELREQUEST']._serialized_end=980
-  _globals['_SESSIONRESPONSE']._serialized_start=983
-  _globals['_SESSIONRESPONSE']._serialized_end=1255
-  _globals['_OPERATIONERROR']._serialized_start=1257
-  _globals['_OPERATIONERROR']._serialized_end=1343
-  _globals['_RELEASEREQUEST']._serialized_start=1345
-  _globals['_RELEASEREQUEST']._serialized_end=1379
-  _globals['_RELEASERESPONSE']._serialized_start=1381
-  _globals['_RELEASERESPONSE']._serialized_end=1416
-  _globals['_LISTLOCKSREQUEST']._serialized_start=1418
-  _globals['_LISTLOCKSREQUEST']._serialized_end=1475
-  _globals['_LISTLOCKSRESPONSE']._serialized_start=1478
-  _globals['_LISTLOCKSRESPONSE']._serialized_end=1613
-  _globals['_BREAKLOCKREQUEST']._serialized_start=1615
-  _globals['_BREAKLOCKREQUEST']._serialized_end=1647
-  _globals['_BREAKLOCKRESPONSE']._serialized_start=1649
-  _globals['_BREAKLOCKRESPONSE']._serialized_end=1701
-  _globals['_VALIDATEFENCEREQUEST']._serialized_start=1703
-  _globals['_VALIDATEFENCEREQUEST']._serialized_end=1754
-  _globals['_VALIDATEFENCERESPONSE']._serialized_start=1756
-  _globals['_VALIDATEFENCERESPONSE']._serialized_end=1809
-  _globals['_CLAIMFIRINGREQUEST']._serialized_start=1812
-  _globals['_CLAIMFIRINGREQUEST']._serialized_end=2065
-  _globals['_CLAIMFIRINGRESPONSE']._serialized_start=2067
-  _globals['_CLAIMFIRINGRESPONSE']._serialized_end=2133
-  _globals['_COMPLETEFIRINGREQUEST']._serialized_start=2135
-  _globals['_COMPLETEFIRINGREQUEST']._serialized_end=2254
-  _globals['_COMPLETEFIRINGRESPONSE']._serialized_start=2256
-  _globals['_COMPLETEFIRINGRESPONSE']._serialized_end=2325
-  _globals['_LISTJOBSREQUEST']._serialized_start=2327
-  _globals['_LISTJOBSREQUEST']._serialized_end=2376
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2378
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2491
-  _globals['_LOCKSSERVICE']._serialized_start=2494
-  _globals['_LOCKSSERVICE']._serialized_end=3448
+  _globals['_SESSIONREQUEST']._serialized_end=1000
+  _globals['_CANCELREQUEST']._serialized_start=1002
+  _globals['_CANCELREQUEST']._serialized_end=1030
+  _globals['_SESSIONRESPONSE']._serialized_start=1033
+  _globals['_SESSIONRESPONSE']._serialized_end=1360
+  _globals['_OPERATIONERROR']._serialized_start=1362
+  _globals['_OPERATIONERROR']._serialized_end=1448
+  _globals['_RELEASEREQUEST']._serialized_start=1450
+  _globals['_RELEASEREQUEST']._serialized_end=1484
+  _globals['_RELEASERESPONSE']._serialized_start=1486
+  _globals['_RELEASERESPONSE']._serialized_end=1521
+  _globals['_LISTLOCKSREQUEST']._serialized_start=1523
+  _globals['_LISTLOCKSREQUEST']._serialized_end=1580
+  _globals['_LISTLOCKSRESPONSE']._serialized_start=1583
+  _globals['_LISTLOCKSRESPONSE']._serialized_end=1718
+  _globals['_BREAKLOCKREQUEST']._serialized_start=1720
+  _globals['_BREAKLOCKREQUEST']._serialized_end=1752
+  _globals['_BREAKLOCKRESPONSE']._serialized_start=1754
+  _globals['_BREAKLOCKRESPONSE']._serialized_end=1806
+  _globals['_VALIDATEFENCEREQUEST']._serialized_start=1808
+  _globals['_VALIDATEFENCEREQUEST']._serialized_end=1859
+  _globals['_VALIDATEFENCERESPONSE']._serialized_start=1861
+  _globals['_VALIDATEFENCERESPONSE']._serialized_end=1914
+  _globals['_CLAIMFIRINGREQUEST']._serialized_start=1917
+  _globals['_CLAIMFIRINGREQUEST']._serialized_end=2170
+  _globals['_CLAIMFIRINGRESPONSE']._serialized_start=2172
+  _globals['_CLAIMFIRINGRESPONSE']._serialized_end=2238
+  _globals['_COMPLETEFIRINGREQUEST']._serialized_start=2240
+  _globals['_COMPLETEFIRINGREQUEST']._serialized_end=2359
+  _globals['_COMPLETEFIRINGRESPONSE']._serialized_start=2361
+  _globals['_COMPLETEFIRINGRESPONSE']._serialized_end=2430
+  _globals['_LISTJOBSREQUEST']._serialized_start=2432
+  _globals['_LISTJOBSREQUEST']._serialized_end=2481
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2483
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2596
+  _globals['_LOCKSSERVICE']._serialized_start=2599
+  _globals['_LOCKSSERVICE']._serialized_end=3553
 # @@protoc_insertion_point(module_scope)

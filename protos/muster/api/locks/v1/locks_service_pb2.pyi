@@ -169,6 +169,7 @@ class SessionRequest(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    OPS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Echoed in the answer."""
     @_builtins.property
@@ -190,6 +191,12 @@ class SessionRequest(_message.Message):
         operation is answered (with CANCELLED unless it completed first); this one is not.
         """
 
+    @_builtins.property
+    def ops(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionRequest]:
+        """Several operations in one message (each with its own seq and op; this message's own seq and
+        op are then unset). A client that sends these may be answered with `results`.
+        """
+
     def __init__(
         self,
         *,
@@ -198,10 +205,11 @@ class SessionRequest(_message.Message):
         release: Global___ReleaseRequest | None = ...,
         keep_alive: Global___KeepAliveRequest | None = ...,
         cancel: Global___CancelRequest | None = ...,
+        ops: _abc.Iterable[Global___SessionRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "keep_alive", b"keep_alive", "op", b"op", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "keep_alive", b"keep_alive", "op", b"op", "release", b"release", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "cancel", b"cancel", "keep_alive", b"keep_alive", "op", b"op", "ops", b"ops", "release", b"release", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["acquire", "release", "keep_alive", "cancel"]  # noqa: Y015
     _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
@@ -242,6 +250,7 @@ class SessionResponse(_message.Message):
     RELEASED_FIELD_NUMBER: _builtins.int
     KEPT_ALIVE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The request's seq."""
     @_builtins.property
@@ -260,6 +269,12 @@ class SessionResponse(_message.Message):
     def error(self) -> Global___OperationError:
         """The operation failed (with the same details a unary call would carry)."""
 
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionResponse]:
+        """Several answers in one message (sent only to a client that sent `ops`); this message's own
+        seq and result are then unset.
+        """
+
     def __init__(
         self,
         *,
@@ -268,10 +283,11 @@ class SessionResponse(_message.Message):
         released: Global___ReleaseResponse | None = ...,
         kept_alive: Global___KeepAliveResponse | None = ...,
         error: Global___OperationError | None = ...,
+        results: _abc.Iterable[Global___SessionResponse] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "error", b"error", "kept_alive", b"kept_alive", "released", b"released", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "error", b"error", "kept_alive", b"kept_alive", "released", b"released", "result", b"result", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquired", b"acquired", "error", b"error", "kept_alive", b"kept_alive", "released", b"released", "result", b"result", "results", b"results", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["acquired", "released", "kept_alive", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
