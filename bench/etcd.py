@@ -705,6 +705,7 @@ def _describe(s: heartbeats.Step) -> str:
         heartbeats._describe(s)
         .replace("db: ", "etcd: ")
         .replace("nodes' last_seen_time moved", "leases renewed")
+        .replace(f" ({s.lost} answered but not moved)", "")
         .replace("replica ", "etcd ")
         .replace("us/heartbeat", "us/keep-alive")
     )
@@ -817,25 +818,41 @@ def _put_watcher(address: str, prefix: bytes, head: int, seconds: float, start_a
             await call.write(
                 rpc_pb2.WatchRequest(
                     create_request=rpc_pb2.WatchCreateRequest(
-                        key=prefix, range_end=_prefix_end(prefix), start_revision=head + 1, progress_notify=True
+                        key=prefix, range_end=_prefix_end(prefix), start_revision=head + 1
                     )
                 )
             )
             seen, last, last_at = 0, head, 0.0
             writers_end = start_at + seconds
-            async for msg in call:
-                for ev in msg.events:
-                    if ev.kv.mod_revision <= last:
-                        raise AssertionError(f"out of order: {last} -> {ev.kv.mod_revision}")
-                    last = ev.kv.mod_revision
-                    seen += 1
-                if msg.events:
-                    last_at = time.monotonic()
-                if time.monotonic() > writers_end + 0.5:
-                    final = (await kv.Range(rpc_pb2.RangeRequest(key=prefix, count_only=True))).header.revision
-                    if last >= final:
-                        break
-            call.cancel()
+            final: int | None = None
+            caught_up = asyncio.Event()
+
+            async def follow() -> None:
+                nonlocal seen, last, last_at
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    async for msg in call:
+                        for ev in msg.events:
+                            if ev.kv.mod_revision <= last:
+                                raise AssertionError(f"out of order: {last} -> {ev.kv.mod_revision}")
+                            last = ev.kv.mod_revision
+                            seen += 1
+                        if msg.events:
+                            last_at = time.monotonic()
+                        if final is not None and last >= final:
+                            caught_up.set()
+
+            async def stop() -> None:
+                nonlocal final
+                # etcd's progress notifications come every 10 minutes: ask for the head instead.
+                await asyncio.sleep(max(0.0, writers_end + 0.5 - time.monotonic()))
+                final = (await kv.Range(rpc_pb2.RangeRequest(key=prefix, count_only=True))).header.revision
+                if last >= final:
+                    caught_up.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(caught_up.wait(), 60)
+                call.cancel()
+
+            await asyncio.gather(follow(), stop())
             return Result(seen, max(0.0, last_at - writers_end), [])
 
     return _loop_run(main())
