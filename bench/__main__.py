@@ -23,13 +23,14 @@ import os
 import platform
 import sys
 
-from bench import heartbeats, workloads
+from bench import heartbeats, scale, workloads
 
 # Registered here (bench.heartbeats imports bench.workloads for its helpers), after `heartbeats`.
 _order = list(workloads.ALL.items())
 _order.insert(1 + [n for n, _ in _order].index("heartbeats"), ("heartbeats-absorbed", heartbeats.heartbeats_absorbed))
 workloads.ALL.clear()
 workloads.ALL.update(_order)
+workloads.ALL["scale"] = scale.scale
 
 
 def _machine() -> str:
