@@ -110,18 +110,31 @@ def _place_labeled(address: str, sessions: list[str], deadline: float, start_at:
             await _sleep_until(start_at)
             t0 = time.monotonic()
 
+            retried: list[str] = []
+
             async def one() -> None:
                 while todo and time.monotonic() < deadline:
                     i, group = todo.pop()
+                    user = f"fill-{os.getpid()}-{i}"
+                    req = pb.PlaceSessionRequest(user=user, kind="scale", labels={"group": group}, request_id=user)
                     s = time.monotonic()
-                    await stub.PlaceSession(
-                        pb.PlaceSessionRequest(user=f"fill-{os.getpid()}-{i}", kind="scale", labels={"group": group}),
-                        timeout=60,
-                    )
+                    while True:
+                        try:
+                            await stub.PlaceSession(req, timeout=60)
+                            break
+                        except grpc.aio.AioRpcError as e:
+                            # The balancer answers UNAVAILABLE while its node view reloads: the
+                            # client library retries that (the request id makes it safe); so do we.
+                            if e.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                                raise
+                            retried.append(e.details() or "")
+                            await asyncio.sleep(0.2)
                     lat.append(time.monotonic() - s)
 
             await asyncio.gather(*(one() for _ in range(64)))
-            return Result(len(lat), time.monotonic() - t0, lat)
+            result = Result(len(lat), time.monotonic() - t0, lat)
+            result.retried = retried  # type: ignore[attr-defined]
+            return result
 
     return _loop_run(main())
 
@@ -299,7 +312,13 @@ def scale(opts: Options) -> None:
         results = _run_clients(_place_labeled, [(address, share, deadline) for share in shares])
         placed = sum(r.count for r in results)
         rate = placed / max(r.elapsed for r in results)
+        retried = [d for r in results for d in r.retried]  # type: ignore[attr-defined]
         _log(f"placed {placed:,} sessions in {time.monotonic() - t0:.1f} s ({rate:,.0f}/s)")
+        if retried:
+            print(
+                f"scale fill: {len(retried)} placements answered UNAVAILABLE and were retried (first: {retried[0]})",
+                flush=True,
+            )
         if placed < victim_n:
             raise AssertionError(f"only {placed} sessions placed; the victim needs {victim_n}")
         size = f"nodes={joined + 1} sessions={placed}"
