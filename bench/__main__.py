@@ -1,4 +1,4 @@
-"""Muster benchmarks: ``python -m bench [WORKLOAD ...] [--quick]``.
+"""Muster benchmarks: ``python -m bench [WORKLOAD ...] [--quick] [--against etcd]``.
 
 Each workload starts its own control plane (embedded PostgreSQL + registry processes), drives it
 from client processes for a bounded time, and prints one line per figure:
@@ -6,7 +6,12 @@ from client processes for a bounded time, and prints one line per figure:
     <workload> <value> <unit> (runs N: min..max) p50 X ms p99 Y ms
 
 At the end it writes a PNG of every figure's latencies (``--plot``, default bench-latency.png) and,
-with ``--json PATH``, the figures as JSON for comparing runs. See bench/README.md.
+with ``--json PATH``, the figures as JSON for comparing runs. With ``--against etcd``, each comparable
+workload is followed by its etcd peer, and the run ends with one line per compared figure:
+
+    <workload> muster X etcd Y ratio Z
+
+See bench/README.md.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import os
 import platform
 import sys
 
-from bench import heartbeats, workloads
+from bench import heartbeats, scale, workloads
 
 # Registered here (bench.heartbeats imports bench.workloads for its helpers), after `heartbeats`.
 _order = list(workloads.ALL.items())
 _order.insert(1 + [n for n, _ in _order].index("heartbeats"), ("heartbeats-absorbed", heartbeats.heartbeats_absorbed))
 workloads.ALL.clear()
 workloads.ALL.update(_order)
+workloads.ALL["scale"] = scale.scale
 
 
 def _machine() -> str:
@@ -116,7 +122,20 @@ def main() -> int:
     )
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON (to compare runs)")
+    parser.add_argument(
+        "--against",
+        choices=["etcd"],
+        help="after each comparable workload (locks, locks-contended, fanout, heartbeats-absorbed, changes) "
+        "run the same shape of work against a private etcd 3.4, and print muster/etcd ratios at the end",
+    )
     args = parser.parse_args()
+    if args.against == "etcd":
+        from bench import etcd
+
+        why = etcd.missing()
+        if why is not None:
+            print(f"--against etcd: {why}", file=sys.stderr, flush=True)
+            return 1
     opts = workloads.Options(
         runs=args.runs or (1 if args.quick else 3),
         seconds=args.seconds or (1.0 if args.quick else 5.0),
@@ -128,11 +147,20 @@ def main() -> int:
     )
     machine = _machine()
     print(machine, flush=True)
+    if args.against == "etcd":
+        print(f"against {etcd.version()}", flush=True)
     try:
         for name in args.workloads or workloads.ALL:
             print(f"# {name}: {workloads.ALL[name].__doc__.splitlines()[0]}", file=sys.stderr, flush=True)
+            first = len(workloads.FIGURES)
             workloads.ALL[name](opts)
+            if args.against == "etcd" and name in etcd.PEERS:
+                peer = etcd.PEERS[name]
+                print(f"# {name} against etcd: {peer.__doc__.splitlines()[0]}", file=sys.stderr, flush=True)
+                peer(opts, workloads.FIGURES[first:])
     finally:  # what was measured is kept even when a workload fails
+        if args.against == "etcd":
+            etcd.print_comparison()
         if args.json:
             _write_json(args.json, machine, sys.argv[1:])
         if not args.no_plot:
