@@ -204,11 +204,13 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
             )
             assert {(r["component"], r["version"]) for r in rows} == {
                 ("core", 1),
+                ("core", 2),
                 ("registry", 1),
                 ("registry", 2),
                 ("registry", 3),
                 ("locks", 1),
                 ("locks", 2),
+                ("locks", 3),
                 ("keys", 1),
                 ("balancer", 1),
             }
