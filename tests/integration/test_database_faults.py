@@ -205,12 +205,14 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
             assert {(r["component"], r["version"]) for r in rows} == {
                 ("core", 1),
                 ("core", 2),
+                ("core", 3),
                 ("registry", 1),
                 ("registry", 2),
                 ("registry", 3),
                 ("locks", 1),
                 ("locks", 2),
                 ("locks", 3),
+                ("locks", 4),
                 ("keys", 1),
                 ("balancer", 1),
             }

@@ -264,10 +264,8 @@ def database_dsn(settings: Settings) -> str | None:
     elif settings.database_password is None:
         return url
     user = quote(unquote(parts.username or ""), safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:{quote(password, safe='')}@{host}" + (f":{parts.port}" if parts.port else "")
+    hosts = parts.netloc.rpartition("@")[2]  # kept as written: one host or several (h1:5432,h2:5432)
+    netloc = f"{user}:{quote(password, safe='')}@{hosts}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

@@ -171,7 +171,10 @@ def _is_store_failure(exc: BaseException) -> bool:
         | asyncpg.exceptions.AdminShutdownError
         | asyncpg.exceptions.CrashShutdownError
         | asyncpg.exceptions.TooManyConnectionsError
-        | asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
+        | asyncpg.exceptions.IdleInTransactionSessionTimeoutError
+        # A failover: no host of the URL is the primary yet, or this one was demoted.
+        | asyncpg.exceptions.TargetServerAttributeNotMatched
+        | asyncpg.exceptions.ReadOnlySQLTransactionError,
     )
 
 

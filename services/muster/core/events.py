@@ -33,6 +33,7 @@ from muster.core import db
 log = logging.getLogger(__name__)
 
 CHANNEL = "muster_events"
+EPOCH_BITS = 40  # an epoch's revisions and tokens are above timeline << 40 (core 0003)
 _PASS_LIMIT = 20_000
 
 APPEND = "SELECT core.append_event($1, $2, $3)"
@@ -41,27 +42,10 @@ SELECT core.append_event(k, n, p) FROM unnest($1::text[], $2::bigint[], $3::byte
 ORDER BY i
 """
 LOCK_HEAD = "LOCK TABLE core.head IN EXCLUSIVE MODE"
-NUMBER = """
-WITH pending AS (
-    SELECT append_id, row_number() OVER (ORDER BY append_id) AS n
-    FROM core.events WHERE revision IS NULL ORDER BY append_id LIMIT $1
-), h AS (
-    SELECT revision FROM core.head WHERE id = 1
-), numbered AS (
-    UPDATE core.events e SET revision = h.revision + p.n
-    FROM pending p, h WHERE e.append_id = p.append_id
-    RETURNING e.revision
-)
-UPDATE core.head SET revision = revision + (SELECT count(*) FROM numbered)
-WHERE id = 1
-RETURNING revision, (SELECT count(*) FROM numbered) AS numbered
-"""
+# One pass of at most $1 events; on a new timeline it opens the epoch first (core 0003).
+NUMBER = "SELECT revision, numbered FROM core.number_some($1)"
 NOTIFY = "SELECT pg_notify($1, $2)"
-READ_HEAD = """
-SELECT revision, compacted_revision, now() AS now,
-       EXISTS (SELECT 1 FROM core.events WHERE revision IS NULL) AS pending
-FROM core.head WHERE id = 1
-"""
+READ_HEAD = "SELECT revision, compacted_revision, now, pending, epoch_floor FROM core.read_head()"
 READ_EVENTS = """
 SELECT revision, time, kind, node_id, payload FROM core.events
 WHERE revision > $1 AND revision <= $2 ORDER BY revision LIMIT $3
@@ -229,6 +213,9 @@ class EventBus:
         self._cache: list[StoredEvent] = []
         self.head = 0
         self.compacted = 0
+        # Revisions up to this were numbered on an earlier database timeline (before a failover):
+        # a stream resuming from one gets a Resync, as some of them may not have survived.
+        self.epoch_floor = 0
         self._target = 0
         self._db_offset = 0.0  # database clock minus local wall clock, seconds
         self._wake: asyncio.Future[None] | None = None
@@ -267,10 +254,27 @@ class EventBus:
 
     def advance(self, head: int) -> None:
         """Learns that the log's head is at least ``head`` (a notification, a pass, a poll)."""
+        if head >> EPOCH_BITS > self.epoch_floor >> EPOCH_BITS:
+            self._learn_floor(head >> EPOCH_BITS << EPOCH_BITS)
         if head > self._target:
             self._target = head
         if self._target > self.head and (self._fetch_task is None or self._fetch_task.done()):
             self._fetch_task = asyncio.create_task(self._fetch(), name="muster-fetch")
+
+    def _learn_floor(self, floor: int) -> None:
+        """A new epoch (the database failed over): the cache may hold events that did not survive."""
+        if floor <= self.epoch_floor:
+            return
+        if self.epoch_floor or self.head:
+            log.warning(
+                "the database is on a new timeline (a failover or a restore): revisions from %d on; "
+                "streams behind that resync",
+                floor + 1,
+                extra={"event": "bus_new_epoch"},
+            )
+        self.epoch_floor = floor
+        self._cache.clear()
+        self._wake_all()
 
     async def _fetch(self) -> None:
         try:
@@ -334,6 +338,7 @@ class EventBus:
         async with self._pool.acquire() as con:
             row = await con.fetchrow(READ_HEAD)
         self.compacted = int(row["compacted_revision"])
+        self._learn_floor(int(row["epoch_floor"]))
         self._db_offset = row["now"].timestamp() - time.time()
         self.pending_seen = bool(row["pending"])
         self.advance(int(row["revision"]))

@@ -110,14 +110,20 @@ async def run_migrations(dsn: str, components: list[str], *, wait: float) -> lis
 
 
 async def _watch_database(runtime: Runtime, names: list[str]) -> None:
-    """Health follows the database: NOT_SERVING while it cannot be reached."""
+    """Health follows the database: NOT_SERVING while no primary can be reached.
+
+    A pooled connection to a server that is now a standby (demoted without a restart) makes the
+    pool drop every connection: new ones go to whichever host of the URL is the primary.
+    """
     serving: bool | None = None
     while True:
         try:
             async with asyncio.timeout(2):
                 async with runtime.pool.acquire() as con:
-                    await con.fetchval("SELECT 1")
-            ok = True
+                    ok = not await con.fetchval("SELECT pg_is_in_recovery()")
+            if not ok:
+                log.warning("the database is a standby now; reconnecting", extra={"event": "db_standby"})
+                await runtime.pool.expire_connections()
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - any failure means the store is not usable

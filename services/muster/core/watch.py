@@ -128,13 +128,17 @@ async def run_watch(
     streams.count += 1
     try:
         cursor = request.start_revision
-        if cursor == 0 or cursor < compacted:
+        if cursor == 0 or cursor < compacted or cursor < bus.epoch_floor:
             cursor = await resync()
         last_sent = time.monotonic()
         prev_lag = bus.head - cursor
         while True:
             if streams.closing:
                 raise ShuttingDownError()
+            if cursor < bus.epoch_floor:  # a failover: what this stream had may not have survived
+                cursor = await resync()
+                last_sent = time.monotonic()
+                continue
             if bus.head > cursor:
                 events = await bus.read(cursor, _MAX_BATCH)
                 if not events:

@@ -24,12 +24,12 @@ FIRING_FOR_UPDATE = "SELECT *, now() AS now FROM locks.firings WHERE job = $1 AN
 INSERT_FIRING = """
 INSERT INTO locks.firings (job, scheduled_time, holder, node_id, token, state, recoverable, expire_time,
                            claim_request_id)
-VALUES ($1, $2, $3, $4, 1, $5, $6, now() + $7::interval, $8)
+VALUES ($1, $2, $3, $4, core.epoch_floor() + 1, $5, $6, now() + $7::interval, $8)
 ON CONFLICT (job, scheduled_time) DO NOTHING
 RETURNING *
 """
 RECLAIM_FIRING = """
-UPDATE locks.firings SET holder = $3, node_id = $4, token = token + 1, attempt = attempt + 1, state = 1,
+UPDATE locks.firings SET holder = $3, node_id = $4, token = greatest(token, core.epoch_floor()) + 1, attempt = attempt + 1, state = 1,
        claim_time = now(), expire_time = now() + $5::interval, recoverable = $6, claim_request_id = $7
 WHERE job = $1 AND scheduled_time = $2
 RETURNING *

@@ -50,7 +50,7 @@ WAITING = "SELECT 1 FROM locks.waiters WHERE waiter_id = $1"
 DELETE_WAITER = "DELETE FROM locks.waiters WHERE waiter_id = $1 RETURNING name"
 DELETE_HOLD = "DELETE FROM locks.holds WHERE lease_id = $1 RETURNING *"
 BREAK_HOLDS = "DELETE FROM locks.holds WHERE name = $1 RETURNING *"
-MOVE_FENCE = "UPDATE locks.locks SET fence = fence + 1 WHERE name = $1 RETURNING fence"
+MOVE_FENCE = "UPDATE locks.locks SET fence = greatest(fence, core.epoch_floor()) + 1 WHERE name = $1 RETURNING fence"
 VALIDATE = """
 SELECT l.fence,
        EXISTS (SELECT 1 FROM locks.holds h WHERE h.name = l.name AND h.token = $2 AND h.expire_time > now()) AS live
