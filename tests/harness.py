@@ -211,6 +211,7 @@ class Recorder:
     through: int = 0
     connections: int = 0
     state: dict[int, object] = field(default_factory=dict)
+    sequence: list[tuple[str, int]] = field(default_factory=list)  # ("event" | "resync", revision) in order
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watches until ``stop`` is set; on any stream error reconnects from ``through``."""
@@ -248,9 +249,11 @@ class Recorder:
                 for ev in msg.events.events:
                     self.revisions.append(ev.revision)
                     self.events.append(ev)
+                    self.sequence.append(("event", ev.revision))
                     apply_event(self.state, ev)
             elif kind == "resync":
                 self.resyncs.append(msg.resync)
+                self.sequence.append(("resync", msg.resync.revision))
                 self.state.clear()
                 for node in msg.resync.nodes:
                     self.state[node.id] = node

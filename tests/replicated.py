@@ -43,6 +43,7 @@ class PgServer:
     def __init__(self, data: Path, port: int, bin_dir: Path, run_as: list[str]) -> None:
         self.data, self.port, self._bin, self._run_as = data, port, bin_dir, run_as
         self.proc: subprocess.Popen[bytes] | None = None
+        self.held: list[int] = []  # WAL senders stopped by hold_replication
         self.log = data.parent / f"{data.name}.log"
 
     def tool(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -72,8 +73,12 @@ class PgServer:
         """An immediate stop (SIGQUIT to the postmaster): as if the machine died."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGQUIT)
+            for pid in self.held:  # stopped senders would keep the postmaster waiting 5 s
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait(30)
         self.proc = None
+        self.held = []
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -162,6 +167,16 @@ class ReplicatedPostgres:
                 return
             time.sleep(0.1)
         raise TimeoutError("the standby did not start streaming")
+
+    def hold_replication(self) -> None:
+        """Stops the primary's WAL senders: what commits from now on never reaches the standby.
+
+        (They are SIGSTOPped, and SIGKILLed with the primary.) This is the window an
+        asynchronous standby lags by, made long enough to lose acknowledged commits for certain.
+        """
+        for pid in self.primary.sql("SELECT pid FROM pg_stat_replication").split():
+            os.kill(int(pid), signal.SIGSTOP)
+            self.primary.held.append(int(pid))
 
     @property
     def url(self) -> str:

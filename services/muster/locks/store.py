@@ -20,7 +20,7 @@ import asyncpg
 from muster.api.locks.v1 import lock_pb2
 from muster.core import clock, events, metrics
 from muster.core.db import retry_serialization
-from muster.core.errors import NotFoundError
+from muster.core.errors import NotFoundError, StoreUnavailableError
 from muster.locks import convert
 from muster.locks.errors import LockHeldError, LockNotHeldError
 from muster.locks.jobs import EXPIRED_FIRINGS
@@ -50,6 +50,7 @@ WAITING = "SELECT 1 FROM locks.waiters WHERE waiter_id = $1"
 DELETE_WAITER = "DELETE FROM locks.waiters WHERE waiter_id = $1 RETURNING name"
 DELETE_HOLD = "DELETE FROM locks.holds WHERE lease_id = $1 RETURNING *"
 BREAK_HOLDS = "DELETE FROM locks.holds WHERE name = $1 RETURNING *"
+EPOCH_FLOOR = "SELECT core.epoch_floor()"
 MOVE_FENCE = "UPDATE locks.locks SET fence = greatest(fence, core.epoch_floor()) + 1 WHERE name = $1 RETURNING fence"
 VALIDATE = """
 SELECT l.fence,
@@ -248,6 +249,10 @@ class LockStore:
                     if row is not None:
                         return Hold.from_row(row)
                     if await con.fetchval(WAITING, waiter_id) is None:
+                        if waiter_id < await con.fetchval(EPOCH_FLOOR):
+                            # Queued before a failover that lost it (ids jump past the new epoch's
+                            # floor): the client asks again, with its request id.
+                            raise StoreUnavailableError("the database failed over while this acquire waited; retry it")
                         break  # dropped: its deadline passed by the database's clock, or granted and gone
             hold = await asyncio.shield(self._abandon(name, waiter_id, keep_grant=True))
             if hold is not None:

@@ -5,7 +5,8 @@
 -- and every fencing token is above `timeline << 40`, higher than anything numbered on an earlier
 -- timeline (timelines only grow, and a timeline numbers fewer than 2^40 of either). A watcher whose
 -- resume point is below the epoch's floor gets a Resync, never events that may have been lost or
--- renumbered. The first epoch (the timeline the cluster was created on) has floor 0.
+-- renumbered; ids from Muster's sequences jump past the floor as well. The first epoch (the
+-- timeline the cluster was created on) has floor 0.
 ALTER TABLE core.head
     ADD COLUMN timeline bigint,
     ADD COLUMN epoch_floor bigint NOT NULL DEFAULT 0;
@@ -53,6 +54,11 @@ BEGIN
     WHERE id = 1;
     INSERT INTO core.epochs (timeline, floor, survived_revision) VALUES (v_timeline, v_floor, v_head)
     ON CONFLICT (timeline) DO NOTHING;
+    -- Ids jump too (node, lease, waiter, session ids): an id handed out on the old primary and lost
+    -- must never name something else here (a stale holder's release must not free another's lock).
+    PERFORM setval(format('%I.%I', s.schemaname, s.sequencename), greatest(coalesce(s.last_value, 0), v_floor))
+    FROM pg_sequences s
+    WHERE s.schemaname IN (SELECT component FROM core.migrations) AND coalesce(s.last_value, 0) < v_floor;
     RAISE LOG 'muster: timeline % (a failover or a restore): epoch opened at revision %, % survived',
         v_timeline, v_floor, v_head;
     RETURN v_floor;
