@@ -13,6 +13,7 @@ crash loop shows as one instead of being hidden by restarts inside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -36,6 +37,18 @@ def is_worker() -> bool:
 def parent_gone() -> bool:
     """Whether the parent that started this worker has exited (the worker then stops)."""
     return str(os.getppid()) != os.environ.get(WORKER_OF, "")
+
+
+def die_with_parent() -> None:
+    """Asks Linux to send this worker SIGTERM when its parent dies, even by SIGKILL (elsewhere a no-op;
+    :func:`parent_gone` is the fallback the worker polls)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _split(listen: str) -> tuple[str, int]:
