@@ -589,7 +589,7 @@ def _lock_client(address: str, tasks: int, seconds: float, names: list[str], sta
 def locks(opts: Options) -> None:
     """Lock acquire+release cycles on distinct names at concurrency 1, 16 and 64."""
     replicas = opts.n_replicas()
-    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+    with control_plane(replicas, fsync=opts.fsync, service="locks", workers=opts.workers) as cluster:
         for conc in opts.levels(1, 16, 64):
             runs, lats = [], []
             for run in range(opts.runs):
@@ -600,13 +600,13 @@ def locks(opts: Options) -> None:
                 results = _run_clients(_lock_client, args)
                 runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
                 lats += [x for r in results for x in r.latencies]
-            _report(f"lock-cycles distinct c={conc} replicas={replicas}", "cycles/s", runs, lats)
+            _report(f"lock-cycles distinct c={conc} replicas={replicas}{_workers_tag(opts)}", "cycles/s", runs, lats)
 
 
 def locks_contended(opts: Options) -> None:
     """Lock acquire+release cycles on one contended name (FIFO waiters) at concurrency 16 and 64."""
     replicas = opts.n_replicas()
-    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+    with control_plane(replicas, fsync=opts.fsync, service="locks", workers=opts.workers) as cluster:
         for conc in opts.levels(16, 64):
             runs, lats, handoffs = [], [], []
             for run in range(opts.runs):
@@ -620,7 +620,7 @@ def locks_contended(opts: Options) -> None:
                 marks = sorted(m for r in results for m in r.marks)  # type: ignore[attr-defined]
                 # One exclusive holder at a time: the gap from a release's start to the next grant.
                 handoffs += [b[0] - a[1] for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[1]]
-            _report(f"lock-cycles contended c={conc} replicas={replicas}", "cycles/s", runs, lats)
+            _report(f"lock-cycles contended c={conc} replicas={replicas}{_workers_tag(opts)}", "cycles/s", runs, lats)
             if handoffs:
                 print(
                     f"lock-handoff contended c={conc} replicas={replicas} "
