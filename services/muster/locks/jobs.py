@@ -29,7 +29,8 @@ ON CONFLICT (job, scheduled_time) DO NOTHING
 RETURNING *
 """
 RECLAIM_FIRING = """
-UPDATE locks.firings SET holder = $3, node_id = $4, token = greatest(token, core.epoch_floor()) + 1, attempt = attempt + 1, state = 1,
+UPDATE locks.firings SET holder = $3, node_id = $4, token = greatest(token, core.epoch_floor()) + 1,
+       attempt = attempt + 1, state = 1,
        claim_time = now(), expire_time = now() + $5::interval, recoverable = $6, claim_request_id = $7
 WHERE job = $1 AND scheduled_time = $2
 RETURNING *
