@@ -116,6 +116,12 @@ def main() -> int:
         help="server replicas, client processes spread over them (default: each workload's own: 1; "
         "changes and grpc-floor 2; upserts and log ignore it)",
     )
+    parser.add_argument(
+        "--workers",
+        type=_positive(int),
+        default=1,
+        help="server processes per replica on one port (muster serve --workers; default 1)",
+    )
     parser.add_argument("--no-fsync", action="store_true", help="turn fsync off in the embedded database")
     parser.add_argument(
         "--plot", default="bench-latency.png", metavar="PATH", help="latency PNG to write (default %(default)s)"
@@ -144,6 +150,7 @@ def main() -> int:
         quick=args.quick,
         concurrency_given=args.concurrency is not None,
         replicas=args.replicas,
+        workers=args.workers,
     )
     machine = _machine()
     print(machine, flush=True)

@@ -20,13 +20,20 @@ class Cluster:
 
     database_url: str
     addresses: list[str]
+    pids: list[int]  # the server processes (with --workers: each supervisor; its workers are its children)
 
 
 @contextlib.contextmanager
 def control_plane(
-    replicas: int, *, fsync: bool = True, env: dict[str, str] | None = None, service: str = "registry"
+    replicas: int,
+    *,
+    fsync: bool = True,
+    env: dict[str, str] | None = None,
+    service: str = "registry",
+    workers: int = 1,
 ) -> Iterator[Cluster]:
-    """Starts PostgreSQL and ``replicas`` processes of ``service``; stops them all at the end."""
+    """Starts PostgreSQL and ``replicas`` replicas of ``service`` (each ``workers`` processes on one
+    port: ``muster serve --workers``); stops them all at the end."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -48,10 +55,26 @@ def control_plane(
         procs = []
         try:
             for _ in range(replicas):
-                procs.append(ServerProcess(pg.url, [service], env=settings).start())
-            yield Cluster(pg.url, [p.address for p in procs])
+                procs.append(ServerProcess(pg.url, [service], env=settings, workers=workers).start())
+            yield Cluster(pg.url, [p.address for p in procs], [p.pid for p in procs])
         finally:
             for p in procs:
                 p.stop()
             pg.stop()
             os.sync()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time so far of the given processes and their children (``--workers``)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            for p in [proc, *proc.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total

@@ -437,9 +437,13 @@ def locks_contended(opts: Options, muster: list[Figure]) -> None:
 # -- fan-out: one put to N watchers --------------------------------------------------------------
 
 
-def _fanout_client(address: str, streams: int, key: bytes, done_path: str, deadline: float) -> dict[int, float]:
-    """Opens ``streams`` Watch streams on ``key`` from the current revision; returns, per revision,
-    when the last of them received it (they stop once all hold the writer's last revision)."""
+def _fanout_client(
+    address: str, streams: int, key: bytes, done_path: str, ready_path: str, deadline: float
+) -> dict[int, float]:
+    """Opens ``streams`` Watch streams on ``key`` from the current revision, and leaves that revision in
+    ``ready_path`` (the writer starts only when every watcher process has: a process that read it
+    after a put would never see that put); returns, per revision, when the last of them received it
+    (they stop once all hold the writer's last revision)."""
 
     async def main() -> dict[int, float]:
         import grpc
@@ -454,6 +458,7 @@ def _fanout_client(address: str, streams: int, key: bytes, done_path: str, deadl
             create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=key, start_revision=head + 1))
             calls = [watch.Watch() for _ in range(streams)]
             at = [head] * streams
+            _write_revision(ready_path, head)
 
             async def follow(i: int) -> None:
                 call = calls[i]
@@ -487,8 +492,11 @@ def _fanout_client(address: str, streams: int, key: bytes, done_path: str, deadl
     return _loop_run(main())
 
 
-def _fanout_writer(address: str, key: bytes, changes: int, start_at: float, done_path: str) -> list[tuple[int, float]]:
-    """Puts ``key`` ``changes`` times, 0.2 s apart; returns (the put's revision, when it was sent)."""
+def _fanout_writer(
+    address: str, key: bytes, changes: int, start_at: float, done_path: str, ready_paths: list[str]
+) -> list[tuple[int, float]]:
+    """Once every watcher process is ready, puts ``key`` ``changes`` times, 0.2 s apart; returns (the
+    put's revision, when it was sent)."""
 
     async def main() -> list[tuple[int, float]]:
         import grpc
@@ -498,7 +506,10 @@ def _fanout_writer(address: str, key: bytes, changes: int, start_at: float, done
         async with grpc.aio.insecure_channel(address) as ch:
             kv = rpc_pb2_grpc.KVStub(ch)
             await ch.channel_ready()
-            await _sleep_until(start_at + 2.0)  # every stream is open by then
+            await _sleep_until(start_at)
+            while any(_read_revision(p) is None for p in ready_paths):  # noqa: ASYNC110 - files, nothing to await
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.0)  # every stream is open by then
             for i in range(changes):
                 sent = time.monotonic()
                 resp = await kv.Put(rpc_pb2.PutRequest(key=key, value=b"draining" if i % 2 == 0 else b"active"))
@@ -517,15 +528,17 @@ def fanout(opts: Options, muster: list[Figure]) -> None:
         for n in opts.levels(*((1, 100) if opts.quick else (1, 100, 1000))):
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 4.0
-            deadline = start_at + 2.0 + changes * 3.0
+            deadline = start_at + 120.0 + changes * 3.0  # the writer first waits for every watcher process
             parts = _processes(n)
             key = f"bench/fanout/{n}".encode()
             with tempfile.TemporaryDirectory(prefix="muster-bench-fanout-") as tmp, ctx.Pool(len(parts) + 1) as pool:
                 done_path = os.path.join(tmp, "done")
+                ready = [os.path.join(tmp, f"ready-{i}") for i in range(len(parts))]
                 watchers = [
-                    pool.apply_async(_fanout_client, (etcd.address, k, key, done_path, deadline)) for k in parts
+                    pool.apply_async(_fanout_client, (etcd.address, k, key, done_path, ready[i], deadline))
+                    for i, k in enumerate(parts)
                 ]
-                writer = pool.apply_async(_fanout_writer, (etcd.address, key, changes, start_at, done_path))
+                writer = pool.apply_async(_fanout_writer, (etcd.address, key, changes, start_at, done_path, ready))
                 sent = writer.get(timeout=600)
                 received = [w.get(timeout=600) for w in watchers]
             delays = []

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.cluster import control_plane
+from bench.cluster import control_plane, cpu_seconds
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Options:
     quick: bool
     concurrency_given: bool = False  # --concurrency was given: it replaces a workload's own levels
     replicas: int | None = None  # --replicas, else None: each workload's own (1; 2 for state-changes)
+    workers: int = 1  # --workers: server processes per replica sharing its port (muster serve --workers)
 
     def levels(self, *default: int) -> tuple[int, ...]:
         """The concurrency levels to run: the one asked for, else the workload's own."""
@@ -86,6 +87,11 @@ def _run_clients(target: Callable[..., Result], args_per_process: list[tuple]) -
     with ctx.Pool(len(args_per_process)) as pool:
         pending = [pool.apply_async(target, (*args, start_at)) for args in args_per_process]
         return [p.get(timeout=600) for p in pending]
+
+
+def _workers_tag(opts: Options) -> str:
+    """`` workers=N`` in a figure's name when the replicas run several processes, else nothing."""
+    return f" workers={opts.workers}" if opts.workers > 1 else ""
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -583,7 +589,7 @@ def _lock_client(address: str, tasks: int, seconds: float, names: list[str], sta
 def locks(opts: Options) -> None:
     """Lock acquire+release cycles on distinct names at concurrency 1, 16 and 64."""
     replicas = opts.n_replicas()
-    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+    with control_plane(replicas, fsync=opts.fsync, service="locks", workers=opts.workers) as cluster:
         for conc in opts.levels(1, 16, 64):
             runs, lats = [], []
             for run in range(opts.runs):
@@ -594,13 +600,13 @@ def locks(opts: Options) -> None:
                 results = _run_clients(_lock_client, args)
                 runs.append(sum(r.count for r in results) / max(r.elapsed for r in results))
                 lats += [x for r in results for x in r.latencies]
-            _report(f"lock-cycles distinct c={conc} replicas={replicas}", "cycles/s", runs, lats)
+            _report(f"lock-cycles distinct c={conc} replicas={replicas}{_workers_tag(opts)}", "cycles/s", runs, lats)
 
 
 def locks_contended(opts: Options) -> None:
     """Lock acquire+release cycles on one contended name (FIFO waiters) at concurrency 16 and 64."""
     replicas = opts.n_replicas()
-    with control_plane(replicas, fsync=opts.fsync, service="locks") as cluster:
+    with control_plane(replicas, fsync=opts.fsync, service="locks", workers=opts.workers) as cluster:
         for conc in opts.levels(16, 64):
             runs, lats, handoffs = [], [], []
             for run in range(opts.runs):
@@ -614,7 +620,7 @@ def locks_contended(opts: Options) -> None:
                 marks = sorted(m for r in results for m in r.marks)  # type: ignore[attr-defined]
                 # One exclusive holder at a time: the gap from a release's start to the next grant.
                 handoffs += [b[0] - a[1] for a, b in zip(marks, marks[1:], strict=False) if b[0] > a[1]]
-            _report(f"lock-cycles contended c={conc} replicas={replicas}", "cycles/s", runs, lats)
+            _report(f"lock-cycles contended c={conc} replicas={replicas}{_workers_tag(opts)}", "cycles/s", runs, lats)
             if handoffs:
                 print(
                     f"lock-handoff contended c={conc} replicas={replicas} "
@@ -716,12 +722,27 @@ def _read_revision(path: str) -> int | None:
         return None
 
 
-def _fanout_client(address: str, streams: int, done_path: str, deadline: float) -> dict[int, float]:
-    """Opens ``streams`` watch streams from the head; returns, per revision, when the last of them
-    received it. A stream stops once it has the writer's last revision (which the writer leaves in
-    ``done_path``), or at ``deadline``."""
+@dataclass
+class FanoutWatchers:
+    """What one fan-out watcher process saw."""
 
-    async def main() -> dict[int, float]:
+    head: int  # the revision its streams were asked to start after (read before any stream opened)
+    head_at: float  # when it read that head (monotonic; processes share the clock)
+    start: int  # the latest revision a stream of it started after (the head, or its Resync's revision)
+    ready_at: float  # when every stream's start was known
+    last: dict[int, float]  # per revision, when the last of its streams received it
+    gaps: list[str]  # per stream that skipped, duplicated or reordered a revision: what it got wrong
+
+
+def _fanout_client(address: str, streams: int, done_path: str, ready_path: str, deadline: float) -> FanoutWatchers:
+    """Opens ``streams`` watch streams from the head and, once every stream's start is known (the head;
+    a Resync's revision when the head is 0), leaves it in ``ready_path`` (the writer starts only when
+    every watcher process has); returns, per revision, when
+    the last of them received it. A stream stops once it has the writer's last revision (which the
+    writer leaves in ``done_path``), or at ``deadline``. Every stream checks that it received every
+    revision after the head exactly once, in order (the streams are unfiltered)."""
+
+    async def main() -> FanoutWatchers:
         import grpc
 
         from muster.api.registry.v1 import registry_service_pb2 as pb
@@ -729,6 +750,7 @@ def _fanout_client(address: str, streams: int, done_path: str, deadline: float) 
 
         last: dict[int, float] = {}
         seen: dict[int, int] = {}
+        gaps: list[str] = []
         final: int | None = None
 
         async def wait_for_writer() -> None:
@@ -738,13 +760,32 @@ def _fanout_client(address: str, streams: int, done_path: str, deadline: float) 
                 if final is None:
                     await asyncio.sleep(0.05)
 
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = g.RegistryServiceStub(ch)
-            await ch.channel_ready()
-            head = (await stub.GetCluster(pb.GetClusterRequest())).head_revision
+        # Four connections per process (own subchannel pools), so that with --workers the kernel
+        # spreads the streams over the processes sharing the port.
+        channels = [
+            grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)
+        ]
+        try:
+            stubs = [g.RegistryServiceStub(ch) for ch in channels]
+            for ch in channels:
+                await ch.channel_ready()
+            head = (await stubs[0].GetCluster(pb.GetClusterRequest())).head_revision
+            head_at = time.monotonic()
+            opened = 0
+            all_open = asyncio.Event()
+            starts: list[int] = []
 
-            async def follow() -> None:
-                call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=head))
+            def started(at: int) -> None:
+                nonlocal opened
+                starts.append(at)
+                opened += 1
+                if opened == streams:
+                    all_open.set()
+
+            async def follow(k: int) -> None:
+                call = stubs[k % len(stubs)].WatchEvents(pb.WatchEventsRequest(start_revision=head))
+                if head:
+                    started(head)  # from a revision: the stream starts after it whenever it opens
                 at = head
                 reading: asyncio.Future | None = None  # never cancelled while following: that would cancel the call
                 try:
@@ -757,12 +798,20 @@ def _fanout_client(address: str, streams: int, done_path: str, deadline: float) 
                         msg, reading = reading.result(), None
                         if msg is grpc.aio.EOF:
                             break
+                        if msg.HasField("resync"):  # from revision 0 (a fresh cluster): a snapshot first,
+                            at = msg.through_revision  # taken when the stream opened: it starts after that
+                            started(at)
+                            continue
                         now = time.monotonic()
                         for ev in msg.events.events:
+                            if ev.revision != at + 1:
+                                gaps.append(f"stream {k}: revision {ev.revision} after {at}")
                             at = max(at, ev.revision)
                             seen[ev.revision] = seen.get(ev.revision, 0) + 1
                             if seen[ev.revision] == streams:
                                 last[ev.revision] = now
+                    if final is not None and at < final:
+                        gaps.append(f"stream {k}: stopped at revision {at} before the last change {final}")
                 finally:
                     call.cancel()
                     if reading is not None:
@@ -770,17 +819,38 @@ def _fanout_client(address: str, streams: int, done_path: str, deadline: float) 
                         with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
                             await reading
 
-            await asyncio.gather(wait_for_writer(), *(follow() for _ in range(streams)))
-        return last
+            ready_at = 0.0
+
+            async def announce() -> None:
+                nonlocal ready_at
+                await all_open.wait()
+                ready_at = time.monotonic()
+                _write_revision(ready_path, max(starts))
+
+            await asyncio.gather(wait_for_writer(), announce(), *(follow(k) for k in range(streams)))
+        finally:
+            for ch in channels:
+                await ch.close()
+        return FanoutWatchers(head, head_at, max(starts, default=head), ready_at, last, gaps)
 
     return _loop_run(main())
 
 
-def _fanout_writer(address: str, host: str, changes: int, start_at: float, done_path: str) -> list[tuple[int, float]]:
-    """Joins a new node, then drains/undrains it ``changes`` times; returns (the change's revision, when
-    it was sent), and leaves the last revision in ``done_path`` for the watchers."""
+def _fanout_writer(
+    address: str,
+    host: str,
+    changes: int,
+    start_at: float,
+    done_path: str,
+    ready_paths: list[str],
+    server_pids: list[int],
+) -> tuple[float, float, list[tuple[int, float]]]:
+    """Joins a new node, waits until every watcher process has its streams open (``ready_paths``),
+    then drains/undrains the node ``changes`` times; returns when it began and (each change's
+    revision, when it was sent), and the CPU seconds the servers spent from the first change until
+    0.5 s after the last; leaves the last revision in ``done_path`` for the watchers."""
 
-    async def main() -> list[tuple[int, float]]:
+    async def main() -> tuple[float, float, list[tuple[int, float]]]:
         import grpc
 
         from muster.api.registry.v1 import node_pb2
@@ -792,7 +862,13 @@ def _fanout_writer(address: str, host: str, changes: int, start_at: float, done_
         async with grpc.aio.insecure_channel(address) as ch:
             stub = g.RegistryServiceStub(ch)
             node = (await stub.JoinNode(pb.JoinNodeRequest(host=host, port=8787))).node.id
-            await _sleep_until(start_at + 2.0)  # every stream is open by then
+            await _sleep_until(start_at)
+            # A watcher process whose head is read after a change never receives that change (its
+            # streams start after it): start only once every one has read its head and opened its streams.
+            while any(_read_revision(p) is None for p in ready_paths):  # noqa: ASYNC110 - files, nothing to await
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2.0)  # the streams asked for are open by then (a late one would replay)
+            began, cpu0 = time.monotonic(), cpu_seconds(server_pids)
             for i in range(changes):
                 sent = time.monotonic()
                 resp = await stub.SetNodeMode(
@@ -802,8 +878,10 @@ def _fanout_writer(address: str, host: str, changes: int, start_at: float, done_
                     raise AssertionError(f"SetNodeMode changed nothing: {resp}")
                 out.append((resp.revision, sent))
                 await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)  # the last change's writes drain
+            cpu = cpu_seconds(server_pids) - cpu0
         _write_revision(done_path, out[-1][0] if out else 0)
-        return out
+        return began, cpu, out
 
     return asyncio.run(main())
 
@@ -813,37 +891,53 @@ def fanout(opts: Options) -> None:
     changes, replicas = (5 if opts.quick else 20), opts.n_replicas()
     # The node written to never heartbeats: keep it within its check-in window (no events but ours).
     env = {"MUSTER_HEARTBEAT_INTERVAL": "20m", "MUSTER_CHECK_IN_WINDOW": "1h", "MUSTER_LEASE_TTL": "1h"}
-    with control_plane(replicas, fsync=opts.fsync, env=env) as cluster:
+    with control_plane(replicas, fsync=opts.fsync, env=env, workers=opts.workers) as cluster:
         for n in opts.levels(*((1, 100) if opts.quick else (1, 100, 1000))):
             ctx = multiprocessing.get_context("spawn")
             start_at = time.monotonic() + 4.0
-            deadline = start_at + 2.0 + changes * 3.0  # only if the writer's last change never arrives
             parts = _processes(n)
             with tempfile.TemporaryDirectory(prefix="muster-bench-fanout-") as tmp, ctx.Pool(len(parts) + 1) as pool:
                 done_path = os.path.join(tmp, "done")
+                ready = [os.path.join(tmp, f"ready-{i}") for i in range(len(parts))]
+                # Only if the writer's last change never arrives: the writer waits for every watcher
+                # process first, so this counts from when the last of them could be ready.
+                deadline = start_at + 120.0 + changes * 3.0
                 watchers = [
-                    pool.apply_async(_fanout_client, (_replica(cluster.addresses, i), k, done_path, deadline))
+                    pool.apply_async(_fanout_client, (_replica(cluster.addresses, i), k, done_path, ready[i], deadline))
                     for i, k in enumerate(parts)
                 ]
                 # With two replicas the writer uses the last: every change crosses replicas for some watchers.
                 writer = pool.apply_async(
-                    _fanout_writer, (cluster.addresses[-1], f"fanout-{n}.test", changes, start_at, done_path)
+                    _fanout_writer,
+                    (cluster.addresses[-1], f"fanout-{n}.test", changes, start_at, done_path, ready, cluster.pids),
                 )
-                sent = writer.get(timeout=600)
+                began, cpu, sent = writer.get(timeout=600)
                 received = [w.get(timeout=600) for w in watchers]
+            name = f"fanout watchers={n} replicas={replicas}{_workers_tag(opts)}"
+            for i, r in enumerate(received):
+                if sent and r.start >= sent[0][0]:  # the barrier above rules it out: a bench bug, say so
+                    raise AssertionError(f"{name}: watcher process {i} started after revision {r.start}")
+            gaps = [g for r in received for g in r.gaps]
+            if gaps:  # a stream that skipped, repeated or reordered a revision: never a benchmark artefact
+                raise AssertionError(f"{name}: {len(gaps)} streams got a wrong sequence: {gaps[:5]}")
             delays = []
             for revision, at in sent:
-                arrivals = [r.get(revision) for r in received]
+                arrivals = [r.last.get(revision) for r in received]
                 if all(a is not None for a in arrivals):
                     delays.append(max(arrivals) - at)  # type: ignore[type-var,operator]
-            name = f"fanout watchers={n} replicas={replicas}"
             if len(delays) < len(sent):
-                missed = [rev for rev, _ in sent if any(rev not in r for r in received)]
+                missed = [rev for rev, _ in sent if any(rev not in r.last for r in received)]
                 print(
                     f"{name}: revisions {missed} of {[rev for rev, _ in sent]} did not reach every watcher", flush=True
                 )
             if delays:
                 _report(name, "changes", [len(delays)], delays)
+            if n >= 100:  # below that the servers' background work is most of it
+                print(
+                    f"{name} server CPU per stream message {cpu / (len(sent) * n) * 1e6:.0f} us "
+                    f"({cpu:.2f} s for {len(sent)} changes x {n} streams, background work included)",
+                    flush=True,
+                )
 
 
 def _list_client(address: str, runs: int, start_at: float) -> list[Result]:

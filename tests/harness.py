@@ -55,8 +55,10 @@ class ServerProcess:
         services: list[str] | None = None,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        workers: int = 1,
     ) -> None:
         self.database_url = database_url
+        self.workers = workers
         self.services = services or ["registry"]
         self.env = {**FAST_TIMING, **(env or {})}
         self.address = ""
@@ -82,6 +84,7 @@ class ServerProcess:
             "muster.cli.main",
             "serve",
             self.services[0],
+            *(["--workers", str(self.workers)] if self.workers > 1 else []),
         ]
         assert len(self.services) == 1, "one service per process (muster serve); muster up runs them all"
         if self.log_path is None:

@@ -185,14 +185,32 @@ def serve(
     tls_cert_file: TlsCertOpt = None,
     tls_key_file: TlsKeyOpt = None,
     tls_client_ca_file: TlsClientCaOpt = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            envvar="MUSTER_WORKERS",
+            help="Server processes sharing the port (SO_REUSEPORT), each a full replica; if one dies, all stop "
+            "and the command exits 1. [env: MUSTER_WORKERS; default 1]",
+        ),
+    ] = 1,
 ) -> None:
-    """Run a service in this process against MUSTER_DATABASE_URL (any number of replicas may run)."""
+    """Run a service in this process against MUSTER_DATABASE_URL (any number of replicas may run).
+
+    With --workers N, N processes serve the one port; the kernel spreads connections over them.
+    """
     names = [n.strip() for n in service.split(",") if n.strip()]
     unknown = [n for n in names if n not in SERVICES]
     if unknown or not names or len(set(names)) != len(names):
         bad = ", ".join(unknown) or service
         typer.echo(f"muster: unknown or repeated service {bad!r}; choose from {', '.join(SERVICES)}", err=True)
         raise typer.Exit(2)
+    from muster.cli import _workers
+
+    if workers > 1 and not _workers.is_worker():
+        _supervise_workers(names, workers, listen=listen, config_file=config_file)
+        return
     uvloop, config, server = _server_imports()
     settings = _settings(
         config,
@@ -217,11 +235,89 @@ def serve(
         )
         raise typer.Exit(2)
     dsn = _dsn(config, settings)
+    announce = _ready(", ".join(names), _mask(dsn))
     try:
-        uvloop.run(server.serve(settings, dsn, names, on_ready=_ready(", ".join(names), _mask(dsn))))
+        if _workers.is_worker():
+            uvloop.run(_serve_worker(server, settings, dsn, names, announce))
+        else:
+            uvloop.run(server.serve(settings, dsn, names, on_ready=announce))
     except (TimeoutError, RuntimeError, OSError) as exc:
         typer.echo(f"muster: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+async def _serve_worker(server: Any, settings: Any, dsn: str, names: list[str], announce: Any) -> None:
+    """One ``--workers`` process: the shared port with SO_REUSEPORT; it stops when its parent is gone."""
+    import asyncio
+
+    from muster.cli import _workers
+
+    _workers.die_with_parent()
+    stop = asyncio.Event()
+
+    async def orphaned() -> None:
+        while not _workers.parent_gone():  # noqa: ASYNC110 - getppid() has nothing to await; the kernel signal is first
+            await asyncio.sleep(0.5)
+        print(f"muster: worker {os.getpid()}: the parent is gone; stopping", file=sys.stderr, flush=True)
+        stop.set()
+
+    watch = asyncio.create_task(orphaned())
+    try:
+        await server.serve(settings, dsn, names, on_ready=announce, stop=stop, reuse_port=True)
+    finally:
+        watch.cancel()
+
+
+def _supervise_workers(names: list[str], workers: int, *, listen: str | None, config_file: Path | None) -> None:
+    """``muster serve … --workers N`` (N > 1): starts the workers and waits; exits with the group's code.
+
+    Imports no gRPC: the workers are new interpreters running the same command line (without
+    ``--workers``), each bound to the same port.
+    """
+    from muster.cli import _workers
+    from muster.core import config
+
+    settings = _settings(config, listen=listen, config_file=config_file)
+    if settings.metrics_listen:
+        typer.echo(
+            "muster: --workers cannot share one metrics port (MUSTER_METRICS_LISTEN); "
+            "export metrics over OTLP instead, or run one process per port",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+    def announce(address: str, pids: list[int]) -> None:
+        shown = "MUSTER_DATABASE_URL" if settings.database_url else "none"
+        print(
+            f"muster: serving {', '.join(names)} on {address} (database: {shown}) "
+            f"with {len(pids)} workers, pids {' '.join(map(str, pids))}",
+            flush=True,
+        )
+
+    code = _workers.run(
+        _worker_argv(sys.argv[1:]),
+        workers=workers,
+        listen=settings.listen,
+        env={},
+        announce=announce,
+        ready_timeout=settings.database_wait.total_seconds() + 60,
+        grace=settings.grace_period.total_seconds() + 5,
+    )
+    if code:
+        raise typer.Exit(code)
+
+
+def _worker_argv(argv: list[str]) -> list[str]:
+    """The parent's command line without ``--workers`` and ``--listen`` (the supervisor adds the port)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--workers", "--listen"):
+            skip = True
+        elif not arg.startswith(("--workers=", "--listen=")):
+            out.append(arg)
+    return out
 
 
 @app.command()

@@ -279,6 +279,8 @@ def load_settings(**flags: Any) -> Settings:
         ENV_PREFIX + "ADDRESS",
         ENV_PREFIX + "TEST_DATABASE_URL",
         ENV_PREFIX + "TEST_LOOP",
+        ENV_PREFIX + "WORKERS",  # `muster serve --workers`
+        ENV_PREFIX + "WORKER_OF",  # set by the --workers parent in each worker's environment
         # The agent's and the commands' variables (read by muster.client, not the server).
         *(
             ENV_PREFIX + n

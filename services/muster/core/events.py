@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -218,7 +221,13 @@ class EventBus:
         self.epoch_floor = 0
         self._target = 0
         self._db_offset = 0.0  # database clock minus local wall clock, seconds
-        self._wake: asyncio.Future[None] | None = None
+        # Streams waiting for the head to move: a set of futures, all resolved by one wake-up; their
+        # timeouts are one heap under one timer (no timeout object per wait).
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._deadlines: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._seq = itertools.count()
         self._fetch_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._listen_con: asyncpg.Connection | None = None
@@ -295,19 +304,48 @@ class EventBus:
             log.warning("reading new events failed: %s", type(exc).__name__, extra={"event": "bus_fetch_failed"})
 
     def _wake_all(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-        self._wake = None
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._deadlines.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
 
     async def wait(self, after: int, timeout: float) -> None:
         """Returns when the head passes ``after``, the bus closes, or ``timeout`` seconds pass."""
         if self.head > after or self._closed or timeout <= 0:
             return
-        if self._wake is None:
-            self._wake = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancellation
-                await asyncio.shield(self._wake)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.add(fut)
+        when = loop.time() + timeout
+        heapq.heappush(self._deadlines, (when, next(self._seq), fut))
+        if when < self._timer_at:
+            self._arm(loop, when)
+        try:
+            await fut
+        finally:
+            self._waiters.discard(fut)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(when, self._expire, loop), when
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The timer: resolves the waits whose timeout passed, then arms itself for the next one."""
+        self._timer, self._timer_at = None, math.inf
+        now, heap = loop.time(), self._deadlines
+        while heap and heap[0][0] <= now + 0.001:  # a timer may fire up to a clock tick early
+            fut = heapq.heappop(heap)[2]
+            if not fut.done():
+                fut.set_result(None)
+        while heap and heap[0][2].done():  # cancelled waits (streams that went away)
+            heapq.heappop(heap)
+        if heap:
+            self._arm(loop, heap[0][0])
 
     def wake_streams(self) -> None:
         """Wakes every waiting stream (shutdown)."""

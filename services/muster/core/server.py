@@ -170,8 +170,12 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
     tracing: telemetry.Tracing | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Runs the given components in this process until SIGTERM/SIGINT (or ``stop`` is set).
+
+    ``reuse_port`` turns SO_REUSEPORT on, for worker processes that share one port on purpose
+    (``--workers``); off, a second server on a taken port fails instead of silently sharing it.
 
     Tracing follows the ``OTEL_*`` variables (see :mod:`muster.core.telemetry`) unless ``tracing``
     is given (tests pass one with an in-memory exporter; the caller then shuts it down).
@@ -205,7 +209,8 @@ async def serve(
     interceptors = [*observed, *security.interceptors()]
     if meters is not None:
         _gauges(runtime)
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors)
+    options = [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     instances = [cls(runtime) for cls in classes]
     runtime.components.update(zip(components, instances, strict=True))
     names: list[str] = []

@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
+from muster.core import watch
 from muster.core.server import Runtime
 from muster.core.watch import WatchLimits
 from muster.registry import keycheck
@@ -39,6 +40,11 @@ class RegistryComponent:
 
     def mount(self, server: grpc.aio.Server) -> list[str]:
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(self.servicer, server)
+        # WatchEvents writes pre-encoded messages (serialized once for every stream that needs them):
+        # its own registered handler, which takes precedence over the generated one, passes bytes through.
+        server.add_registered_method_handlers(
+            SERVICE_NAME, {"WatchEvents": watch.method_handler(self.servicer.WatchEvents)}
+        )
         return [SERVICE_NAME]
 
     async def start(self) -> None:
