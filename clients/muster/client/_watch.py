@@ -28,17 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_RECONNECT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
-
 
 class ConnectionState(enum.Enum):
     """How current a watch (or view) is.
@@ -60,7 +49,9 @@ class Watch:
     :class:`Resync` (a snapshot: start over from it; the first item when ``start_revision`` is 0 or
     compacted), :class:`Event`, and, with ``progress=True``, :class:`Progress`. A dropped stream is
     resumed from the last ``through_revision`` on the next replica with jittered backoff that honours
-    the server's retry hint; a duplicate (by revision) is never handed out. Cancelling the iterating
+    the server's retry hint, for as long as its failures are transient (the table in
+    :mod:`muster.client.errors`); any other failure ends the iteration with its exception. A
+    duplicate (by revision) is never handed out. Cancelling the iterating
     task ends the stream.
 
     Args:
@@ -173,7 +164,7 @@ class Watch:
                 continue
             except grpc.aio.AioRpcError as exc:
                 err = from_rpc_error(exc)
-                if exc.code() not in _RECONNECT:
+                if not err.transient:
                     self.close()
                     raise err from exc
                 self._lost(err)
