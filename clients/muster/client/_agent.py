@@ -30,6 +30,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from muster.api.rules import KEY_EVENT_KINDS, SESSION_MOVED_KINDS
 from muster.client import keyfiles
 from muster.client._address import ResolvedAddress, resolve_node_address
 from muster.client._cluster import Cluster
@@ -53,11 +54,6 @@ _TRACER = trace.get_tracer("muster.agent")
 NODE_FILE = "node.json"
 AGENT_SOCKET = "agent.sock"
 MAX_REQUEST_BYTES = 64 * 1024
-SESSION_MOVED_KINDS = ("muster.api.balancer.v1.SessionMoved",)
-KEY_EVENT_KINDS = tuple(
-    "muster.api.keys.v1." + k
-    for k in ("KeysDefined", "KeyVersionAdded", "KeyVersionPromoted", "KeyVersionRetired", "KeysReset")
-)
 _SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 _BACKOFF_INITIAL = timedelta(milliseconds=100)
 

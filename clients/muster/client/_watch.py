@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2
 
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
+from muster.api.rules import NODE_EVENT_KINDS
 from muster.client._channel import backoff
 from muster.client._models import Event, Node, NodeMode, Progress, Resync
 from muster.client.errors import MusterError, from_rpc_error
@@ -215,20 +216,6 @@ class NodeChange:
     before: Node | None
     after: Node | None
     cause: Event | Resync
-
-
-NODE_EVENT_KINDS = tuple(
-    "muster.api.registry.v1." + k
-    for k in (
-        "NodeJoined",
-        "NodeStateChanged",
-        "NodeModeChanged",
-        "NodeSuspected",
-        "NodeRecovered",
-        "NodeDeleted",
-        "ClusterReset",
-    )
-)
 
 
 def apply_to_nodes(nodes: dict[int, Node], item: Event | Resync) -> list[tuple[Node | None, Node | None]]:
