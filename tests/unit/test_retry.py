@@ -201,3 +201,71 @@ def test_the_configured_backoff_is_the_same_backoff() -> None:
         cap = min(1.0, 0.2 * 2**attempt)
         assert cap / 2 <= backoff(attempt, config) <= cap
     assert 2.0 <= backoff(0, config, timedelta(seconds=2)) <= 2.4
+
+
+def test_a_watch_resumes_after_a_few_server_faults_in_a_row_then_raises() -> None:
+    import asyncio
+
+    from muster.client._config import ClientConfig
+    from muster.client._watch import Watch
+
+    class _Call:
+        def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+            self._exc = _aio_error(code, reason)
+
+        async def read(self):
+            raise self._exc
+
+        def cancel(self) -> None:
+            pass
+
+    opened: list[str] = []
+
+    class _Stub:
+        def __init__(self, reason: str, code: grpc.StatusCode) -> None:
+            self.reason, self.code = reason, code
+
+        def WatchEvents(self, request):  # noqa: N802 - the gRPC method's name
+            opened.append(self.reason)
+            return _Call(self.code, self.reason)
+
+    class _Endpoint:
+        def __init__(self, stub: _Stub) -> None:
+            self._stub = stub
+
+        def stub(self) -> _Stub:
+            return self._stub
+
+        def fail_over(self) -> None:
+            pass
+
+    class _Cluster:
+        config = ClientConfig(max_attempts=3, backoff_initial=MS, backoff_max=MS, token=None)
+
+        def __init__(self, stub: _Stub) -> None:
+            self._endpoint = _Endpoint(stub)
+
+        def _registry_endpoint(self) -> _Endpoint:
+            return self._endpoint
+
+    async def run(code: grpc.StatusCode, reason: str) -> BaseException:
+        opened.clear()
+        watch = Watch(_Cluster(_Stub(reason, code)))  # type: ignore[arg-type]
+        try:
+            await watch.__anext__()
+        except errors.MusterError as exc:
+            return exc
+        raise AssertionError("the watch did not raise")
+
+    bug = asyncio.run(run(C.INTERNAL, "INTERNAL"))
+    assert isinstance(bug, errors.InternalError) and len(opened) == 3  # max_attempts streams, then raised
+    verdict = asyncio.run(run(C.FAILED_PRECONDITION, "FUTURE_REVISION"))
+    assert isinstance(verdict, errors.FutureRevisionError) and len(opened) == 1  # raised at once
+
+
+def _aio_error(code: grpc.StatusCode, reason: str) -> grpc.aio.AioRpcError:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="muster.test"))
+    status = status_pb2.Status(code=code.value[0], message="m", details=[info])
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="m")

@@ -22,6 +22,7 @@ from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.api.rules import NODE_EVENT_KINDS
 from muster.client._channel import backoff
 from muster.client._models import Event, Node, NodeMode, Progress, Resync
+from muster.client._retry import wait_out
 from muster.client.errors import MusterError, from_rpc_error
 
 if TYPE_CHECKING:
@@ -51,8 +52,9 @@ class Watch:
     compacted), :class:`Event`, and, with ``progress=True``, :class:`Progress`. A dropped stream is
     resumed from the last ``through_revision`` on the next replica with jittered backoff that honours
     the server's retry hint, for as long as its failures are transient (the table in
-    :mod:`muster.client.errors`); any other failure ends the iteration with its exception. A
-    duplicate (by revision) is never handed out. Cancelling the iterating
+    :mod:`muster.client.errors`), and up to ``max_attempts`` times in a row after a server fault
+    (INTERNAL); any other failure ends the iteration with its exception. A duplicate (by revision)
+    is never handed out. Cancelling the iterating
     task ends the stream.
 
     Args:
@@ -147,6 +149,7 @@ class Watch:
 
     async def _next_message(self) -> pb.WatchEventsResponse:
         attempt = 0
+        faults = 0  # server faults (INTERNAL) in a row: resumed a few times (max_attempts), then raised
         silent_after = 2 * self._interval.total_seconds() + 1
         while True:
             if self._stopped:
@@ -166,8 +169,10 @@ class Watch:
             except grpc.aio.AioRpcError as exc:
                 err = from_rpc_error(exc)
                 if not err.transient:
-                    self.close()
-                    raise err from exc
+                    faults += 1
+                    if not wait_out(err) or faults >= self._cluster.config.max_attempts:
+                        self.close()
+                        raise err from exc
                 self._lost(err)
                 await asyncio.sleep(backoff(attempt, self._cluster.config, err.retry_after))
                 attempt += 1
