@@ -52,8 +52,8 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
     Every call has the configured deadline (10 s by default). Reads and idempotent calls are retried
     on a transient failure (UNAVAILABLE, a server-side CANCELLED, RESOURCE_EXHAUSTED: the table in
     :mod:`muster.client.errors`) with jittered backoff that honours the server's retry delay, moving
-    to the next replica; a call the caller cancels is never retried. Errors are raised as :mod:`muster.client.errors`
-    classes.
+    to the next replica; a call the caller cancels is never retried. Errors are raised as
+    :mod:`muster.client.errors` classes.
     """
 
     def __init__(self, config: ClientConfig) -> None:
