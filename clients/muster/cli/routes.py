@@ -417,7 +417,7 @@ async def _once(address: str | None, map_file: Path | None, socket_path: Path | 
 
 async def _watch(address: str | None, map_file: Path | None, socket_path: Path | None) -> None:
     from muster.client import Cluster, Progress
-    from muster.client.errors import DeadlineExceededError, UnavailableError
+    from muster.client.errors import MusterError
 
     runtime = HAProxyRuntime(socket_path, map_file) if socket_path is not None and map_file is not None else None
 
@@ -454,7 +454,9 @@ async def _watch(address: str | None, map_file: Path | None, socket_path: Path |
                     dirty.clear()
                     try:
                         await gen.regenerate(strict=False)
-                    except (UnavailableError, DeadlineExceededError) as exc:
+                    except MusterError as exc:
+                        if not exc.transient:  # the client's one table (muster.client.errors)
+                            raise
                         _warn(f"the control plane is unreachable ({exc}); trying again in {RETRY:g}s")
                         await asyncio.sleep(RETRY)
                         dirty.set()
