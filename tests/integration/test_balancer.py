@@ -129,11 +129,12 @@ async def test_a_placement_explains_itself_and_excludes_what_cannot_take_it(data
                 dry = await c.place_session("bo", labels={"zone": "a"}, dry_run=True)
                 assert dry.session.node_id in {active.node_id, busy.node_id} and dry.excluded
                 assert len(await c.list_sessions()) == before
-                # Nobody can take it: UNAVAILABLE with every node's reason, at once (not retried).
+                # Nobody can take it: FAILED_PRECONDITION with every node's reason, at once (not retried).
                 started = time.monotonic()
                 with pytest.raises(E.NoEligibleNodeError) as none:
                     await c.place_session("cy", labels={"zone": "c"})
                 assert time.monotonic() - started < 2
+                assert none.value.code == grpc.StatusCode.FAILED_PRECONDITION and not none.value.transient
                 assert "labels" in str(none.value) and f"{draining.node_id}:draining" in none.value.metadata["excluded"]
                 # A retried placement (same request id) is one session.
                 again = [await c.place_session("di", request_id="r-1") for _ in range(3)]

@@ -39,19 +39,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from muster.api.rules import ROUTE_EVENT_KINDS, node_of_route, route_of
 from muster.cli._common import AddressOpt, address_or_default, fail, run
 
 if TYPE_CHECKING:
     from muster.client import Cluster, Node
     from muster.client._balancer import Session
 
-ROUTE_EVENT_KINDS = (
-    "muster.api.registry.v1.NodeJoined",
-    "muster.api.registry.v1.NodeStateChanged",
-    "muster.api.registry.v1.NodeDeleted",
-    "muster.api.registry.v1.ClusterReset",
-    "muster.api.balancer.v1.SessionMoved",
-)
 COUNT_KEY = "@count"
 DEBOUNCE = 0.2  # a failover moves sessions in bursts: one regeneration per burst
 RETRY = 5.0  # seconds between attempts to reach HAProxy (or the control plane) again while watching
@@ -64,15 +58,6 @@ HEADER = """\
 #   <base>.n<id>   a moved session's old id -> the address of its node now
 #   @count, @<i>   how many nodes are ONLINE, and the address of each (for requests without a session id)
 """
-
-
-def route_of(node_id: int) -> str:
-    """A node's route name, ``n<id>`` (the balancer's naming, DESIGN.md "Balancer")."""
-    return f"n{node_id}"
-
-
-def _route_node(route: str) -> int | None:
-    return int(route[1:]) if route.startswith("n") and route[1:].isdigit() and len(route) < 21 else None
 
 
 def _usable_key(key: str) -> bool:
@@ -189,7 +174,7 @@ def build_routes(
         else:
             del memory.aliases[old]
     memory.routes |= {route_of(n.id) for n in nodes} | {s.route for s in by_id.values()}
-    memory.routes |= {r for r in (old.rpartition(".")[2] for old in current) if _route_node(r) is not None}
+    memory.routes |= {r for r in (old.rpartition(".")[2] for old in current) if node_of_route(r) is not None}
 
     moved = tuple(
         sorted((old, addresses[s.node_id]) for old, s in current.items() if s.node_id in addresses and _usable_key(old))
@@ -202,7 +187,7 @@ def build_routes(
     routes: list[tuple[int, str, str]] = []
     remapped = 0
     for route in memory.routes:
-        node_id = _route_node(route)
+        node_id = node_of_route(route)
         if node_id is None:
             continue
         if node_id in addresses:
@@ -432,7 +417,7 @@ async def _once(address: str | None, map_file: Path | None, socket_path: Path | 
 
 async def _watch(address: str | None, map_file: Path | None, socket_path: Path | None) -> None:
     from muster.client import Cluster, Progress
-    from muster.client.errors import DeadlineExceededError, UnavailableError
+    from muster.client.errors import MusterError
 
     runtime = HAProxyRuntime(socket_path, map_file) if socket_path is not None and map_file is not None else None
 
@@ -469,7 +454,9 @@ async def _watch(address: str | None, map_file: Path | None, socket_path: Path |
                     dirty.clear()
                     try:
                         await gen.regenerate(strict=False)
-                    except (UnavailableError, DeadlineExceededError) as exc:
+                    except MusterError as exc:
+                        if not exc.transient:  # the client's one table (muster.client.errors)
+                            raise
                         _warn(f"the control plane is unreachable ({exc}); trying again in {RETRY:g}s")
                         await asyncio.sleep(RETRY)
                         dirty.set()

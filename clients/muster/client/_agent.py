@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -31,25 +30,22 @@ from typing import Any
 
 from opentelemetry import trace
 
+from muster.api.rules import KEY_EVENT_KINDS, SESSION_MOVED_KINDS
 from muster.client import keyfiles
 from muster.client._address import ResolvedAddress, resolve_node_address
 from muster.client._cluster import Cluster
 from muster.client._config import ClientConfig, default_address, split_addresses
 from muster.client._keys import KeySync
 from muster.client._models import Event, Lease, Load, Node, Resync
+from muster.client._retry import backoff, wait_out
 from muster.client._watch import ClusterView, NodeChange
 from muster.client.errors import (
-    AbortedError,
-    DeadlineExceededError,
-    InternalError,
     KeysNotDefinedError,
     KeyVersionNotFoundError,
     LeaseExpiredError,
     MusterError,
     NodeNotFoundError,
-    ResourceExhaustedError,
     StaleLeaseError,
-    UnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -58,14 +54,8 @@ _TRACER = trace.get_tracer("muster.agent")
 NODE_FILE = "node.json"
 AGENT_SOCKET = "agent.sock"
 MAX_REQUEST_BYTES = 64 * 1024
-# Errors that say "the control plane cannot answer right now": the agent waits and tries again.
-_TRANSIENT = (UnavailableError, DeadlineExceededError, ResourceExhaustedError, AbortedError, InternalError)
-SESSION_MOVED_KINDS = ("muster.api.balancer.v1.SessionMoved",)
-KEY_EVENT_KINDS = tuple(
-    "muster.api.keys.v1." + k
-    for k in ("KeysDefined", "KeyVersionAdded", "KeyVersionPromoted", "KeyVersionRetired", "KeysReset")
-)
 _SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+_BACKOFF_INITIAL = timedelta(milliseconds=100)
 
 
 def default_state_dir() -> Path:
@@ -486,11 +476,12 @@ class Agent:
                 else:
                     await cluster.report_session_ended(lease.node_id, session_id)
                 return
-            except _TRANSIENT as exc:
-                self._failing(exc)
-                await asyncio.sleep(self._backoff(attempt))
-                attempt += 1
             except MusterError as exc:
+                if wait_out(exc):
+                    self._failing(exc)
+                    await asyncio.sleep(self._backoff(attempt, exc))
+                    attempt += 1
+                    continue
                 if exc.code.name == "UNIMPLEMENTED":
                     self._balancer_missing = True
                     log.info(
@@ -531,9 +522,11 @@ class Agent:
         while True:
             try:
                 return (await cluster.get_cluster()).head_revision
-            except _TRANSIENT as exc:
+            except MusterError as exc:
+                if not wait_out(exc):
+                    raise
                 self._failing(exc)
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(self._backoff(attempt, exc))
                 attempt += 1
 
     async def _sync_keys(self, cluster: Cluster) -> KeySync:
@@ -546,11 +539,6 @@ class Agent:
         while True:
             try:
                 done = await cluster.sync_keys(lease.node_id, paths)
-            except _TRANSIENT as exc:
-                self._failing(exc)
-                await asyncio.sleep(self._backoff(attempt))
-                attempt += 1
-                continue
             except (KeyVersionNotFoundError, KeysNotDefinedError) as exc:
                 # A version retired or the keys reset while we looked: look again.
                 log.info("keys changed while syncing (%s); syncing again", exc.reason, extra={"event": "agent_keys"})
@@ -558,6 +546,11 @@ class Agent:
                 attempt += 1
                 continue
             except MusterError as exc:
+                if wait_out(exc):
+                    self._failing(exc)
+                    await asyncio.sleep(self._backoff(attempt, exc))
+                    attempt += 1
+                    continue
                 log.error("the node's keys are refused: %s", exc, extra={"event": "agent_failed"})
                 with contextlib.suppress(MusterError):
                     await self._join(cluster, refused=True)  # records the refusal on the node
@@ -604,12 +597,12 @@ class Agent:
                         request_id=request_id,
                         keys=local,
                     )
-            except _TRANSIENT as exc:
-                self._failing(exc)
-                await asyncio.sleep(self._backoff(attempt))
-                attempt += 1
-                continue
             except MusterError as exc:
+                if wait_out(exc):
+                    self._failing(exc)
+                    await asyncio.sleep(self._backoff(attempt, exc))
+                    attempt += 1
+                    continue
                 if not refused:
                     log.error("the control plane refused the node: %s", exc, extra={"event": "agent_failed"})
                 raise
@@ -672,14 +665,14 @@ class Agent:
                     await self._join(cluster, exc)
                     keep_alive = cluster.keep_alive(self._lease)
                     continue
-                except _TRANSIENT as exc:
+                except MusterError as exc:
+                    if not wait_out(exc):
+                        log.error("heartbeats are refused: %s", exc, extra={"event": "agent_failed"})
+                        raise
                     self._failing(exc)
-                    await asyncio.sleep(self._backoff(attempt))
+                    await asyncio.sleep(self._backoff(attempt, exc))
                     attempt += 1
                     continue
-                except MusterError as exc:
-                    log.error("heartbeats are refused: %s", exc, extra={"event": "agent_failed"})
-                    raise
                 attempt = 0
                 self._last_beat = time.monotonic()
                 self._recovered()
@@ -698,12 +691,16 @@ class Agent:
                 node = await cluster.get_node(self._lease.node_id)
             except NodeNotFoundError as exc:
                 return exc
-            except _TRANSIENT as exc:
+            except MusterError as exc:
+                if not wait_out(exc):
+                    raise
                 self._failing(exc)
+                hint = exc.retry_after
             else:
                 if node.state.name != "DELETING" or node.address != self._lease.node.address:
                     return cause
-            await asyncio.sleep(self._backoff(attempt))
+                hint = None
+            await asyncio.sleep(self._backoff(attempt, hint=hint))
             attempt += 1
 
     async def _replaced(self, cluster: Cluster) -> bool:
@@ -716,9 +713,11 @@ class Agent:
                 node = await cluster.get_node(self._lease.node_id)
             except NodeNotFoundError:
                 return False
-            except _TRANSIENT as exc:
+            except MusterError as exc:
+                if not wait_out(exc):
+                    raise
                 self._failing(exc)
-                await asyncio.sleep(self._backoff(attempt))
+                await asyncio.sleep(self._backoff(attempt, exc))
                 attempt += 1
                 continue
             return node.address == self._lease.node.address
@@ -816,10 +815,13 @@ class Agent:
                     extra={"event": "agent_reconnected"},
                 )
 
-    def _backoff(self, attempt: int) -> float:
-        interval = self._lease.heartbeat_interval.total_seconds() if self._lease else 1.0
-        cap = min(max(1.0, interval), 0.1 * 2**attempt)
-        return random.uniform(cap / 2, cap)
+    def _backoff(self, attempt: int, exc: MusterError | None = None, *, hint: timedelta | None = None) -> float:
+        """The client's one backoff, capped at the heartbeat interval (at least 1 s), honouring the
+        retry delay the server sent with ``exc``."""
+        interval = self._lease.heartbeat_interval if self._lease else timedelta(seconds=1)
+        if exc is not None:
+            hint = exc.retry_after
+        return backoff(attempt, initial=_BACKOFF_INITIAL, maximum=max(timedelta(seconds=1), interval), hint=hint)
 
     def _load(self) -> Load:
         try:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from opentelemetry import propagate
 
+from muster.client import _retry
 from muster.client._config import ClientConfig
 
 
@@ -104,8 +105,6 @@ class Endpoint:
 
 
 def backoff(attempt: int, config: ClientConfig, hint: timedelta | None = None) -> float:
-    """Seconds to wait before attempt ``attempt + 1``: the server's hint, or full-jitter exponential."""
-    if hint is not None and hint.total_seconds() > 0:
-        return hint.total_seconds() * random.uniform(1.0, 1.2)
-    cap = min(config.backoff_max.total_seconds(), config.backoff_initial.total_seconds() * 2**attempt)
-    return random.uniform(cap / 4, cap)
+    """Seconds to wait before attempt ``attempt + 1``: :func:`muster.client._retry.backoff` with the
+    configured ``backoff_initial`` and ``backoff_max``, honouring the server's hint."""
+    return _retry.backoff(attempt, initial=config.backoff_initial, maximum=config.backoff_max, hint=hint)

@@ -38,15 +38,11 @@ from muster.client._models import (
     NodeState,
     NodeStatus,
 )
+from muster.client._retry import call_again
 from muster.client.errors import MusterError, NotFoundError, from_rpc_error
 
 T = TypeVar("T")
 _TRACER = trace.get_tracer("muster.client")
-
-# Server-side CANCELLED (a replica shutting down) and UNAVAILABLE: try again, on another replica.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
-# UNAVAILABLE answers that are a verdict, not a transport failure: retrying elsewhere changes nothing.
-FINAL_REASONS = frozenset({"NO_ELIGIBLE_NODE"})
 
 
 class Cluster(LocksApi, KeysApi, BalancerApi):
@@ -54,9 +50,10 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
     ``async with Cluster.connect(...) as cluster:``.
 
     Every call has the configured deadline (10 s by default). Reads and idempotent calls are retried
-    with jittered backoff on UNAVAILABLE and on a server-side CANCELLED, moving to the next replica;
-    a call the caller cancels is never retried. Errors are raised as :mod:`muster.client.errors`
-    classes.
+    on a transient failure (UNAVAILABLE, a server-side CANCELLED, RESOURCE_EXHAUSTED: the table in
+    :mod:`muster.client.errors`) with jittered backoff that honours the server's retry delay, moving
+    to the next replica; a call the caller cancels is never retried. Errors are raised as
+    :mod:`muster.client.errors` classes.
     """
 
     def __init__(self, config: ClientConfig) -> None:
@@ -123,8 +120,7 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
                 return await getattr(endpoint.stub(), method)(request, timeout=deadline)
             except grpc.aio.AioRpcError as exc:
                 err = from_rpc_error(exc)
-                retryable = exc.code() in RETRYABLE and err.reason not in FINAL_REASONS
-                if retry and retryable and attempt + 1 < self.config.max_attempts:
+                if retry and call_again(err) and attempt + 1 < self.config.max_attempts:
                     endpoint.fail_over()
                     await asyncio.sleep(backoff(attempt, self.config, err.retry_after))
                     attempt += 1
@@ -402,7 +398,7 @@ class KeepAlive:
                     err: MusterError = from_rpc_error(_Deadline())
                 else:
                     err = from_rpc_error(exc)
-                if err.code in RETRYABLE and attempt + 1 < self._cluster.config.max_attempts:
+                if call_again(err) and attempt + 1 < self._cluster.config.max_attempts:
                     endpoint.fail_over()
                     await asyncio.sleep(backoff(attempt, self._cluster.config, err.retry_after))
                     attempt += 1

@@ -28,6 +28,7 @@ from muster.api.locks.v1 import lock_pb2
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.client._channel import Endpoint, backoff
 from muster.client._lockstream import LockStream, StreamDown
+from muster.client._retry import call_again
 from muster.client.errors import LockHeldError, LockNotHeldError, MusterError, from_rpc_error, from_status
 
 if TYPE_CHECKING:
@@ -159,7 +160,7 @@ class LocksApi:
             return await self._locks_call(method, request, timeout=timeout)
         if resp.WhichOneof("result") == "error":
             err = from_status(resp.error.code, resp.error.message, resp.error.details)
-            if err.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            if call_again(err):
                 return await self._locks_call(method, request, timeout=timeout)  # retried, as a unary call is
             raise err
         return getattr(resp, _RESULTS[field])
@@ -428,8 +429,9 @@ class HeldLock:
         lease = self.lease
         ttl = lease.ttl.total_seconds()
         attempt = 0
+        hint: timedelta | None = None
         while lease.state is not LeaseState.LOST:
-            await asyncio.sleep(ttl / 3 if attempt == 0 else backoff(attempt, self._api.config))  # type: ignore[attr-defined]
+            await asyncio.sleep(ttl / 3 if attempt == 0 else backoff(attempt, self._api.config, hint))  # type: ignore[attr-defined]
             if lease.state is LeaseState.LOST:
                 return
             try:
@@ -439,9 +441,12 @@ class HeldLock:
             except LockNotHeldError:
                 self._expire()
                 return
-            except MusterError:
+            except MusterError as exc:
                 # Renewals failing: in jeopardy until the local deadline's timer declares it lost.
-                self._api._locks.fail_over()
+                # Only a transient failure moves to another replica (a verdict is the same on any).
+                if exc.transient:
+                    self._api._locks.fail_over()
+                hint = exc.retry_after
                 lease.state = LeaseState.IN_JEOPARDY
                 attempt += 1
 

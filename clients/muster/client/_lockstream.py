@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -25,6 +26,7 @@ import grpc
 from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig
+from muster.client.errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class LockStream:
         return True
 
     async def _read(self, call: Any, outbox: asyncio.Queue[Any]) -> None:
+        hint: timedelta | None = None  # the server's retry delay, when it ended the stream with one
         try:
             async for message in call:
                 self._failures = 0
@@ -92,10 +95,11 @@ class LockStream:
         except asyncio.CancelledError:
             raise
         except grpc.aio.AioRpcError as exc:
+            hint = from_rpc_error(exc).retry_after
             if not self._closed:
                 log.debug("lock stream ended: %s", exc.code().name)
         finally:
-            self._broken(outbox)
+            self._broken(outbox, hint)
             with contextlib.suppress(Exception):
                 call.cancel()
 
@@ -113,12 +117,12 @@ class LockStream:
                     )
                 )
 
-    def _broken(self, outbox: asyncio.Queue[Any]) -> None:
+    def _broken(self, outbox: asyncio.Queue[Any], hint: timedelta | None = None) -> None:
         if self._outbox is outbox:
             self._outbox = None
             if not self._closed:
                 self._endpoint.fail_over()
-                self._down_until = time.monotonic() + backoff(self._failures, self._config)
+                self._down_until = time.monotonic() + backoff(self._failures, self._config, hint)
                 self._failures += 1
         pending, self._pending = self._pending, {}
         self._abandoned.clear()

@@ -9,9 +9,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from muster.api.balancer.v1 import balancer_pb2
+from muster.api import rules
 from muster.api.events.v1 import event_pb2
-from muster.api.keys.v1 import key_pb2
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 
@@ -230,26 +229,8 @@ class NodeLoad:
     last_seen_time: datetime | None
 
 
-_REGISTRY_PAYLOADS: dict[str, type[Message]] = {
-    d.full_name: getattr(node_pb2, d.name)
-    for d in node_pb2.DESCRIPTOR.message_types_by_name.values()
-    if d.name.startswith(("Node", "Cluster")) and d.name not in {"Node", "NodeLoad"}
-}
-_REGISTRY_PAYLOADS[event_pb2.OutageCredited.DESCRIPTOR.full_name] = event_pb2.OutageCredited
-# The other services' event payloads: keys and balancer.
-for _cls in (
-    key_pb2.KeysDefined,
-    key_pb2.KeyVersionAdded,
-    key_pb2.KeyVersionPromoted,
-    key_pb2.KeyVersionRetired,
-    key_pb2.KeysReset,
-    balancer_pb2.SessionPlaced,
-    balancer_pb2.SessionStarted,
-    balancer_pb2.SessionEnded,
-    balancer_pb2.SessionMoved,
-    balancer_pb2.StrategyChanged,
-):
-    _REGISTRY_PAYLOADS[_cls.DESCRIPTOR.full_name] = _cls
+# Every event payload of the contract, by kind (its full message name, from the descriptors).
+_REGISTRY_PAYLOADS: dict[str, type[Message]] = dict(rules.PAYLOAD_BY_KIND)
 
 
 @dataclass(frozen=True, slots=True)

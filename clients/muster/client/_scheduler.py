@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from muster.client import errors as E
 from muster.client._locks import Firing
+from muster.client._retry import backoff, wait_out
 
 if TYPE_CHECKING:
     from muster.client._cluster import Cluster
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 JobFunc = Callable[[Firing], Awaitable[None]]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A claim the control plane could not answer is tried again after 0.4 s, doubling up to 5 s.
+_BACKOFF_INITIAL = timedelta(milliseconds=400)
+_BACKOFF_MAX = timedelta(seconds=5)
 
 
 @dataclass
@@ -186,14 +190,15 @@ class Scheduler:
                 continue
             except (E.FiringDoneError, E.MisfiredError):
                 return
-            except (E.UnavailableError, E.DeadlineExceededError, E.AbortedError, E.InternalError) as exc:
-                # The control plane could not answer (a replica or the database is down): the slot
-                # is not lost — try again until it is claimed, done, or too late (misfired).
-                unreachable += 1
-                log.info("job %s at %s: claim not answered (%s); trying again", job.name, slot, exc.code.name)
-                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(unreachable, 5)))
-                continue
             except E.MusterError as exc:
+                if wait_out(exc):
+                    # The control plane could not answer (a replica or the database is down): the slot
+                    # is not lost — try again until it is claimed, done, or too late (misfired).
+                    log.info("job %s at %s: claim not answered (%s); trying again", job.name, slot, exc.code.name)
+                    wait = backoff(unreachable, initial=_BACKOFF_INITIAL, maximum=_BACKOFF_MAX, hint=exc.retry_after)
+                    await asyncio.sleep(wait)
+                    unreachable += 1
+                    continue
                 log.warning("job %s at %s: claim failed: %s", job.name, slot, exc)
                 return
             failed = False

@@ -12,19 +12,9 @@ import logging
 import os
 from typing import Any
 
+from muster.api.rules import tracing_requested
+
 log = logging.getLogger(__name__)
-
-
-def tracing_requested() -> bool:
-    """Whether ``OTEL_TRACES_EXPORTER`` or an OTLP endpoint asks for traces (and the SDK is not disabled)."""
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if exporter == "none" or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
-    return bool(
-        exporter
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
 
 
 def setup_tracing(service_name: str) -> Any:

@@ -19,25 +19,16 @@ from google.protobuf import duration_pb2
 
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
+from muster.api.rules import NODE_EVENT_KINDS
 from muster.client._channel import backoff
 from muster.client._models import Event, Node, NodeMode, Progress, Resync
+from muster.client._retry import wait_out
 from muster.client.errors import MusterError, from_rpc_error
 
 if TYPE_CHECKING:
     from muster.client._cluster import Cluster
 
 log = logging.getLogger(__name__)
-
-_RECONNECT = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
 
 
 class ConnectionState(enum.Enum):
@@ -60,7 +51,10 @@ class Watch:
     :class:`Resync` (a snapshot: start over from it; the first item when ``start_revision`` is 0 or
     compacted), :class:`Event`, and, with ``progress=True``, :class:`Progress`. A dropped stream is
     resumed from the last ``through_revision`` on the next replica with jittered backoff that honours
-    the server's retry hint; a duplicate (by revision) is never handed out. Cancelling the iterating
+    the server's retry hint, for as long as its failures are transient (the table in
+    :mod:`muster.client.errors`), and up to ``max_attempts`` times in a row after a server fault
+    (INTERNAL); any other failure ends the iteration with its exception. A duplicate (by revision)
+    is never handed out. Cancelling the iterating
     task ends the stream.
 
     Args:
@@ -155,6 +149,7 @@ class Watch:
 
     async def _next_message(self) -> pb.WatchEventsResponse:
         attempt = 0
+        faults = 0  # server faults (INTERNAL) in a row: resumed a few times (max_attempts), then raised
         silent_after = 2 * self._interval.total_seconds() + 1
         while True:
             if self._stopped:
@@ -173,9 +168,11 @@ class Watch:
                 continue
             except grpc.aio.AioRpcError as exc:
                 err = from_rpc_error(exc)
-                if exc.code() not in _RECONNECT:
-                    self.close()
-                    raise err from exc
+                if not err.transient:
+                    faults += 1
+                    if not wait_out(err) or faults >= self._cluster.config.max_attempts:
+                        self.close()
+                        raise err from exc
                 self._lost(err)
                 await asyncio.sleep(backoff(attempt, self._cluster.config, err.retry_after))
                 attempt += 1
@@ -224,20 +221,6 @@ class NodeChange:
     before: Node | None
     after: Node | None
     cause: Event | Resync
-
-
-NODE_EVENT_KINDS = tuple(
-    "muster.api.registry.v1." + k
-    for k in (
-        "NodeJoined",
-        "NodeStateChanged",
-        "NodeModeChanged",
-        "NodeSuspected",
-        "NodeRecovered",
-        "NodeDeleted",
-        "ClusterReset",
-    )
-)
 
 
 def apply_to_nodes(nodes: dict[int, Node], item: Event | Resync) -> list[tuple[Node | None, Node | None]]:

@@ -59,6 +59,7 @@ __all__ = [
     "StrategyUnavailableError",
     "InternalError",
     "from_rpc_error",
+    "is_transient",
 ]
 
 
@@ -69,7 +70,8 @@ class MusterError(Exception):
         code: the gRPC status code.
         reason: the ErrorInfo reason (``NODE_NOT_FOUND``), or "" when the server sent none.
         metadata: the ErrorInfo metadata (the values the message mentions).
-        retry_after: the server's retry hint, if any.
+        retry_after: the server's retry hint (its ``google.rpc.RetryInfo``), if any.
+        transient: whether the failure is transient, by :func:`is_transient` (the one table).
     """
 
     def __init__(
@@ -92,6 +94,11 @@ class MusterError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @property
+    def transient(self) -> bool:
+        """True when trying again later (perhaps on another replica) may succeed; see :func:`is_transient`."""
+        return is_transient(self.code, self.reason)
 
 
 class InvalidArgumentError(MusterError):
@@ -231,7 +238,7 @@ class KeyRotationPendingError(FailedPreconditionError):
     """A rotation is under way: its PENDING version must be promoted first (``version``)."""
 
 
-class NoEligibleNodeError(UnavailableError):
+class NoEligibleNodeError(FailedPreconditionError):
     """No node can take the session (``metadata["excluded"]``: ``node:reason`` pairs)."""
 
 
@@ -312,6 +319,46 @@ BY_CODE: dict[grpc.StatusCode, type[MusterError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.INTERNAL: InternalError,
 }
+
+
+# The one table of transient failures, used by every retry of the client (calls, the KeepAlive and
+# lock streams, watches, lock renewal, the agent). A reason the server sent decides first; otherwise
+# the code does. Transient: the server, its database or the path to it could not answer now;
+# anything else is a verdict that another attempt, on any replica, would only repeat.
+TRANSIENT_REASONS: dict[str, bool] = {
+    "STORE_UNAVAILABLE": True,  # the database is unreachable
+    "SHUTTING_DOWN": True,  # this replica is stopping: resume on another
+    "SLOW_CONSUMER": True,  # a stream cut for falling behind: resume after the retry delay
+    "NODE_DELETING": True,  # an operator's deletion is finishing: join again in a moment
+    "NO_ELIGIBLE_NODE": False,  # a placement's verdict (older servers sent it as UNAVAILABLE)
+    "INTERNAL": False,  # a server handler's bug, not an outage
+}
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,  # cancelled by the server (a replica stopping); our own is CancelledError
+        grpc.StatusCode.RESOURCE_EXHAUSTED,  # shed or cut; RetryInfo says when to come back
+        grpc.StatusCode.DEADLINE_EXCEEDED,  # no answer in time (a call does not repeat its own; see _retry)
+    }
+)
+# Without a muster reason these come from the transport, not from a handler (a stream reset by a
+# replica that died: "Stream removed", RST_STREAM), so they are transient too.
+TRANSPORT_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+def is_transient(code: grpc.StatusCode, reason: str = "") -> bool:
+    """Whether a failure with this status code and ErrorInfo reason is transient (the one table).
+
+    Args:
+        code: the gRPC status code.
+        reason: the ErrorInfo reason, "" when the server sent none.
+
+    Returns:
+        True when trying again later, perhaps on another replica, may succeed.
+    """
+    if reason in TRANSIENT_REASONS:
+        return TRANSIENT_REASONS[reason]
+    return code in TRANSIENT_CODES or (not reason and code in TRANSPORT_CODES)
 
 
 def _parse(details: Any) -> tuple[str, dict[str, str], timedelta | None, dict[str, str]]:

@@ -10,65 +10,46 @@ itself is replaced (from that copy) only when the version is promoted, and the c
 version is removed. :func:`decrypt_password` looks in the file and in ``<file>.d/``, so a password
 encrypted under a RETIRING version stays readable.
 
-Fingerprints are the first 16 hex digits of a SHA-256: over the cookie key's bytes, and over the
-launcher public key's DER SubjectPublicKeyInfo — the values the keys service compares. Nothing here
-logs, and no error message carries key bytes.
+Fingerprints (the first 16 hex digits of a SHA-256: over the cookie key's bytes, and over the
+launcher public key's DER SubjectPublicKeyInfo — the values the keys service compares), the
+``<file>.d/`` layout and encrypt-password are rules of the contract, written once in
+:mod:`muster.api.rules` and re-exported here. Nothing here logs, and no error message carries key bytes.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import os
 import secrets
 import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from muster.api import rules
+from muster.api.rules import COOKIE_KEY_BYTES as COOKIE_KEY_BYTES
+from muster.api.rules import GENERATE_HINT as GENERATE_HINT
+from muster.api.rules import MIN_COOKIE_KEY_BYTES as MIN_COOKIE_KEY_BYTES
+from muster.api.rules import PASSWORD_INFO as PASSWORD_INFO
+from muster.api.rules import PASSWORD_PREFIX as PASSWORD_PREFIX
+from muster.api.rules import cookie_fingerprint as cookie_fingerprint
+from muster.api.rules import cookie_key_candidates as cookie_key_candidates
+from muster.api.rules import encrypt_password as encrypt_password
+from muster.api.rules import fingerprint_bytes as fingerprint_bytes
+from muster.api.rules import public_key_fingerprint as public_key_fingerprint
+from muster.api.rules import version_dir
 
 # ``cryptography`` is imported inside the functions that need it, so that importing the client
 # (which a base install does) never requires it; reading a cookie key and its fingerprint do not.
 
-MIN_COOKIE_KEY_BYTES = 16
-COOKIE_KEY_BYTES = 32
-GENERATE_HINT = "generate one with `head -c 32 /dev/urandom > secure-cookie-key` or `muster keys generate`"
 COOKIE_FILE = "secure-cookie-key"
 LAUNCHER_FILE = "launcher.pem"
 LAUNCHER_PUB_FILE = "launcher.pub"
-PASSWORD_PREFIX = "muster:v1:"
-PASSWORD_INFO = b"muster encrypt-password v1"
-_NONCE = 12
 
 # Local problems, named like the node statuses (and ErrorReason values) they lead to.
 INVALID_KEY_PERMISSIONS = "INVALID_KEY_PERMISSIONS"
 INVALID_SECURE_COOKIE_KEY = "INVALID_SECURE_COOKIE_KEY"
 ERROR_READING_LAUNCHER_KEY = "ERROR_READING_LAUNCHER_KEY"
 INVALID_LAUNCHER_KEY = "INVALID_LAUNCHER_KEY"
-
-
-def fingerprint_bytes(data: bytes) -> str:
-    """The first 16 hex digits of SHA-256 over ``data``."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def cookie_fingerprint(key: bytes) -> str:
-    """The fingerprint of a secure cookie key."""
-    return fingerprint_bytes(key)
-
-
-def public_key_fingerprint(public_key: object) -> str:
-    """The fingerprint of a public key: SHA-256 over its DER SubjectPublicKeyInfo."""
-    from cryptography.hazmat.primitives import serialization
-
-    der = public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return fingerprint_bytes(der)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,8 +262,7 @@ def write_key_file(path: Path, data: bytes) -> None:
 
 def version_path(path: Path, version: int) -> Path:
     """Where a version of a key file is kept during a rotation: ``<file>.d/<version>``."""
-    path = Path(path)
-    return path.parent / (path.name + ".d") / str(version)
+    return version_dir(path) / str(version)
 
 
 def install_keys(
@@ -332,7 +312,7 @@ def held_versions(paths: KeyPaths) -> list[int]:
     """The versions whose copies are kept beside the key files (``<file>.d/<version>``), ascending."""
     found: set[int] = set()
     for path in paths.all():
-        d = path.parent / (path.name + ".d")
+        d = version_dir(path)
         if d.is_dir():
             found.update(int(e.name) for e in d.iterdir() if e.name.isdigit())
     return sorted(found)
@@ -368,66 +348,10 @@ def generate_keys(directory: Path, *, overwrite: bool = False) -> KeyPaths:
 # -- encrypt-password ------------------------------------------------------------------------------
 
 
-def _password_aead(cookie_key: bytes) -> AESGCM:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PASSWORD_INFO)
-    return AESGCM(hkdf.derive(cookie_key))
-
-
-def encrypt_password(plaintext: str, cookie_key: bytes) -> str:
-    """Encrypts a password with a key derived (HKDF-SHA256) from the cookie key.
-
-    Returns:
-        ``muster:v1:<cookie key fingerprint>:<base64 of nonce and AES-GCM ciphertext>``.
-    """
-    fp = cookie_fingerprint(cookie_key)
-    nonce = os.urandom(_NONCE)
-    ct = _password_aead(cookie_key).encrypt(nonce, plaintext.encode("utf-8"), (PASSWORD_PREFIX + fp).encode())
-    return f"{PASSWORD_PREFIX}{fp}:{base64.b64encode(nonce + ct).decode('ascii')}"
-
-
-def cookie_key_candidates(path: Path) -> list[bytes]:
-    """The cookie key file's bytes and those of its ``<file>.d/<version>`` copies (unreadable ones skipped)."""
-    path = Path(path)
-    out: list[bytes] = []
-    for p in [path, *sorted((path.parent / (path.name + ".d")).glob("*"))]:
-        try:
-            if p.is_file():
-                out.append(p.read_bytes())
-        except OSError:
-            continue
-    return out
-
-
 def decrypt_password(ciphertext: str, *key_files: Path) -> str:
     """Decrypts what :func:`encrypt_password` made, with the key file (or a version copy) it names.
 
     Raises:
         ValueError: not such a ciphertext, no available key has its fingerprint, or it does not decrypt.
     """
-    if not ciphertext.startswith(PASSWORD_PREFIX):
-        raise ValueError("not an encrypted password (expected muster:v1:<fingerprint>:<data>)")
-    fp, sep, data = ciphertext[len(PASSWORD_PREFIX) :].partition(":")
-    if not sep or len(fp) != 16:
-        raise ValueError("malformed encrypted password (expected muster:v1:<fingerprint>:<data>)")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("malformed encrypted password: its data is not base64") from None
-    from cryptography.exceptions import InvalidTag
-
-    for f in key_files:
-        for key in cookie_key_candidates(f):
-            if cookie_fingerprint(key) != fp:
-                continue
-            try:
-                return _password_aead(key).decrypt(raw[:_NONCE], raw[_NONCE:], (PASSWORD_PREFIX + fp).encode()).decode()
-            except (InvalidTag, ValueError):
-                raise ValueError(f"the encrypted password does not decrypt with cookie key {fp}") from None
-    raise ValueError(
-        f"no secure cookie key with fingerprint {fp} is available; encrypt the password again with "
-        "`muster encrypt-password`"
-    )
+    return rules.decrypt_password(ciphertext, (key for f in key_files for key in cookie_key_candidates(f)))

@@ -30,7 +30,7 @@ from muster.balancer.placer import CustomStrategy, Diagnostics, Placer
 from muster.balancer.servicer import BalancerServicer
 from muster.balancer.store import BalancerStore
 from muster.core import events
-from muster.core.errors import MusterError
+from muster.core.errors import KeysUnavailableError, MusterError
 from muster.core.server import Runtime
 
 log = logging.getLogger(__name__)
@@ -47,13 +47,6 @@ STRATEGY_MAX_AGE = 1.0
 # before it places or moves again: events published meanwhile may still sit unread in its stream.
 STALL_AFTER = 1.0
 FRESH_VIEW_WAIT = 5.0
-
-
-class KeysUnavailableError(MusterError):
-    """The route-signing keys cannot be had from the keys service right now."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "STORE_UNAVAILABLE"
 
 
 class BalancerComponent:
@@ -94,8 +87,7 @@ class BalancerComponent:
 
     async def start(self) -> None:
         """Connects to the registry (and keys) service and starts the view, the follower, the mover and the sweep."""
-        from muster.client import Cluster
-        from muster.client._config import ClientConfig
+        from muster.client import ClientConfig, Cluster
 
         rt, s = self._runtime, self._runtime.settings
         registry = s.registry_address or rt.address
@@ -174,7 +166,7 @@ class BalancerComponent:
         self._nodes_cache = None
 
     def _build_nodes(self) -> list[NodeInfo]:
-        from muster.client._models import Health, NodeMode
+        from muster.client import Health, NodeMode
 
         view = self._view
         out = []

@@ -14,7 +14,7 @@ DOMAIN = "muster.balancer"
 class NoEligibleNodeError(MusterError):
     """No node can take the session; the metadata lists each node and why."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "NO_ELIGIBLE_NODE"
 
     def __init__(self, excluded: list[tuple[int, str, str]], labels: dict[str, str]) -> None:

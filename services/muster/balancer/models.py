@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from muster.api.rules import node_of_route, route_of
 from muster.core.validate import CAPACITY_LABEL
 
 STRATEGIES = ("sessions", "system-load", "user-hash", "custom")
@@ -140,18 +141,6 @@ class Session:
             row["start_time"],
             row["moved_from"],
         )
-
-
-def route_of(node_id: int) -> str:
-    """A node's route name: ``n<id>``, stable for the node's life."""
-    return f"n{node_id}"
-
-
-def node_of_route(route: str) -> int | None:
-    """The node id a route name stands for (None if it is not one)."""
-    if route.startswith("n") and route[1:].isdigit() and len(route) < 21:
-        return int(route[1:])
-    return None
 
 
 # -- eligibility -----------------------------------------------------------------------------------

@@ -246,16 +246,16 @@ def database_dsn(settings: Settings) -> str | None:
         if settings.database_password is not None
         else unquote(parts.password or "")
     )
-    from muster.client import keyfiles
+    from muster.api import rules
 
-    if password.startswith(keyfiles.PASSWORD_PREFIX):
+    if rules.is_encrypted_password(password):
         if settings.secure_cookie_key_file is None:
             raise ValueError(
                 "the database password is encrypted (muster encrypt-password): set MUSTER_SECURE_COOKIE_KEY_FILE "
                 "to the cookie key file it was encrypted with"
             )
         try:
-            password = keyfiles.decrypt_password(password, settings.secure_cookie_key_file)
+            password = rules.decrypt_password(password, rules.cookie_key_candidates(settings.secure_cookie_key_file))
         except ValueError as exc:
             raise ValueError(
                 f"cannot decrypt the database password with {settings.secure_cookie_key_file}: {exc}; encrypt it "

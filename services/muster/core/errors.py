@@ -136,6 +136,14 @@ class ShuttingDownError(MusterError):
         self.retry_after = timedelta(milliseconds=100)
 
 
+class KeysUnavailableError(MusterError):
+    """The keys service cannot be asked right now (by the registry checking a join, or the balancer
+    fetching its route-signing key); the call can be retried."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "STORE_UNAVAILABLE"
+
+
 class SlowConsumerError(MusterError):
     """A watch stream fell too far behind the head."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from opentelemetry import trace
 
-from muster.client._telemetry import tracing_requested
+from muster.api.rules import tracing_requested
 from muster.core import metrics
 
 log = logging.getLogger(__name__)

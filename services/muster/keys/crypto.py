@@ -5,13 +5,14 @@ message carries key bytes: errors name fingerprints, lengths and master key ids 
 
 - A **fingerprint** is the first 16 hex digits of a SHA-256: over the secure cookie key's bytes,
   and over the launcher public key's DER SubjectPublicKeyInfo (so a private key and its public
-  key have the same fingerprint). ``muster.client.keyfiles`` computes the same values; a unit test
-  pins that they agree.
+  key have the same fingerprint). The rule is the contract's (:mod:`muster.api.rules`), which the
+  client uses too; it is re-exported here.
 - **Sealing**: AES-256-GCM under the master key with a fresh 96-bit nonce; the associated data
   binds the ciphertext to the master key id, the key version and the column, so a sealed value
   cannot be moved to another row or column unnoticed.
 - **encrypt-password**: HKDF-SHA256 over the cookie key (info ``muster encrypt-password v1``)
-  gives an AES-256-GCM key; the ciphertext is ``muster:v1:<cookie fingerprint>:<base64 nonce+ct>``.
+  gives an AES-256-GCM key; the ciphertext is ``muster:v1:<cookie fingerprint>:<base64 nonce+ct>``
+  (also the contract's rule, :mod:`muster.api.rules`).
 """
 
 from __future__ import annotations
@@ -31,17 +32,25 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-COOKIE_KEY_BYTES = 32
-MIN_COOKIE_KEY_BYTES = 16
+from muster.api.rules import COOKIE_KEY_BYTES as COOKIE_KEY_BYTES
+from muster.api.rules import GENERATE_HINT as GENERATE_HINT
+from muster.api.rules import MIN_COOKIE_KEY_BYTES as MIN_COOKIE_KEY_BYTES
+from muster.api.rules import PASSWORD_INFO as PASSWORD_INFO
+from muster.api.rules import PASSWORD_PREFIX as PASSWORD_PREFIX
+from muster.api.rules import cookie_fingerprint as cookie_fingerprint
+from muster.api.rules import cookie_key_candidates
+from muster.api.rules import decrypt_password as decrypt_password
+from muster.api.rules import encrypt_password as encrypt_password
+from muster.api.rules import fingerprint_bytes as fingerprint_bytes
+from muster.api.rules import is_encrypted_password as is_encrypted_password
+from muster.api.rules import public_key_fingerprint as public_key_fingerprint
+
 MAX_COOKIE_KEY_BYTES = 4096
 MAX_PEM_CHARS = 64 * 1024
 MASTER_KEY_BYTES = 32
 RSA_BITS = 2048
 NONCE_BYTES = 12
 MASTER_KEY_FILE = "master.key"
-PASSWORD_PREFIX = "muster:v1:"
-PASSWORD_INFO = b"muster encrypt-password v1"
-GENERATE_HINT = "generate one with `head -c 32 /dev/urandom > secure-cookie-key` or `muster keys generate`"
 MASTER_KEY_HINT = "set MUSTER_MASTER_KEY or master_key_file; `muster up` creates one"
 
 
@@ -55,24 +64,6 @@ class LauncherKeyError(ValueError):
 
 class SealError(ValueError):
     """A sealed value does not open under this master key (wrong key, or tampered)."""
-
-
-def fingerprint_bytes(data: bytes) -> str:
-    """The first 16 hex digits of SHA-256 over ``data``."""
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def cookie_fingerprint(key: bytes) -> str:
-    """The fingerprint of a secure cookie key."""
-    return fingerprint_bytes(key)
-
-
-def public_key_fingerprint(public_key: object) -> str:
-    """The fingerprint of a public key: SHA-256 over its DER SubjectPublicKeyInfo."""
-    der = public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return fingerprint_bytes(der)
 
 
 def master_key_id(master_key: bytes) -> str:
@@ -291,58 +282,6 @@ def derive_key(cookie_key: bytes, purpose: str) -> bytes:
     return hkdf.derive(cookie_key)
 
 
-def _password_aead(cookie_key: bytes) -> AESGCM:
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=PASSWORD_INFO)
-    return AESGCM(hkdf.derive(cookie_key))
-
-
-def encrypt_password(plaintext: str, cookie_key: bytes) -> str:
-    """``muster:v1:<cookie fingerprint>:<base64 nonce+ciphertext>`` under a key derived from ``cookie_key``."""
-    fp = cookie_fingerprint(cookie_key)
-    nonce = os.urandom(NONCE_BYTES)
-    ct = _password_aead(cookie_key).encrypt(nonce, plaintext.encode("utf-8"), (PASSWORD_PREFIX + fp).encode())
-    return f"{PASSWORD_PREFIX}{fp}:{base64.b64encode(nonce + ct).decode('ascii')}"
-
-
-def is_encrypted_password(value: str) -> bool:
-    """Whether ``value`` looks like an encrypt-password ciphertext."""
-    return value.startswith(PASSWORD_PREFIX)
-
-
-def decrypt_password(ciphertext: str, cookie_keys: list[bytes]) -> str:
-    """Decrypts an encrypt-password ciphertext with whichever of ``cookie_keys`` it names.
-
-    Args:
-        ciphertext: what :func:`encrypt_password` (or ``muster encrypt-password``) made.
-        cookie_keys: the candidate cookie keys (the key file and its ``<file>.d/<version>`` files).
-
-    Raises:
-        ValueError: not such a ciphertext, no candidate has its fingerprint, or it does not decrypt.
-    """
-    if not ciphertext.startswith(PASSWORD_PREFIX):
-        raise ValueError("not an encrypted password (expected muster:v1:<fingerprint>:<data>)")
-    fp, sep, data = ciphertext[len(PASSWORD_PREFIX) :].partition(":")
-    if not sep or len(fp) != 16:
-        raise ValueError("malformed encrypted password (expected muster:v1:<fingerprint>:<data>)")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("malformed encrypted password: its data is not base64") from None
-    for key in cookie_keys:
-        if cookie_fingerprint(key) == fp:
-            try:
-                plain = _password_aead(key).decrypt(
-                    raw[:NONCE_BYTES], raw[NONCE_BYTES:], (PASSWORD_PREFIX + fp).encode()
-                )
-            except (InvalidTag, ValueError):
-                raise ValueError(f"the encrypted password does not decrypt with cookie key {fp}") from None
-            return plain.decode("utf-8")
-    raise ValueError(
-        f"no secure cookie key with fingerprint {fp} is available; the password was encrypted with "
-        "another key version (encrypt it again with `muster encrypt-password`)"
-    )
-
-
 def decrypt_password_with_files(ciphertext: str, *key_files: Path) -> str:
     """Like :func:`decrypt_password`, reading each key file and its ``<file>.d/*`` versions.
 
@@ -351,16 +290,7 @@ def decrypt_password_with_files(ciphertext: str, *key_files: Path) -> str:
     Raises:
         ValueError: as :func:`decrypt_password`, or when no key file can be read.
     """
-    keys: list[bytes] = []
-    for f in key_files:
-        f = Path(f)
-        candidates = [f, *sorted((f.parent / (f.name + ".d")).glob("*"))]
-        for c in candidates:
-            try:
-                if c.is_file():
-                    keys.append(c.read_bytes())
-            except OSError:
-                continue
+    keys = [key for f in key_files for key in cookie_key_candidates(f)]
     if not keys:
         raise ValueError("no secure cookie key file could be read to decrypt the password")
     return decrypt_password(ciphertext, keys)

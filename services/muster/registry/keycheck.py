@@ -20,7 +20,7 @@ from muster.api.keys.v1 import key_pb2, keys_service_pb2, keys_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
 from muster.client.errors import from_rpc_error
 from muster.core import validate
-from muster.core.errors import InvalidArgumentError, MusterError
+from muster.core.errors import InvalidArgumentError, KeysUnavailableError
 from muster.registry.models import KEY_REFUSAL_STATES, Refusal, State
 
 log = logging.getLogger(__name__)
@@ -37,13 +37,6 @@ FIXES = {
     "cluster's)",
     State.INVALID_LAUNCHER_KEY: "remove the launcher key files to receive the cluster's",
 }
-
-
-class KeysUnavailableError(MusterError):
-    """The keys service cannot be asked right now; the join can be retried."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "STORE_UNAVAILABLE"
 
 
 class KeyChecker(Protocol):
