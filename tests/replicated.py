@@ -21,13 +21,20 @@ from pathlib import Path
 _BIN_ROOT = Path("/usr/lib/postgresql")
 
 
+def require_peer(what: str, install: str) -> None:
+    """A missing peer skips the test, unless MUSTER_REQUIRE_POSTGRES_PEERS=1 (CI), where it fails."""
+    import pytest
+
+    if os.environ.get("MUSTER_REQUIRE_POSTGRES_PEERS") == "1":
+        pytest.fail(f"MUSTER_REQUIRE_POSTGRES_PEERS=1 but {what} is missing ({install})")
+    pytest.skip(f"{what} is missing ({install}; MUSTER_REQUIRE_POSTGRES_PEERS=1 fails instead)")
+
+
 def server_binaries() -> Path:
-    """The newest Debian PostgreSQL server's ``bin`` directory; raises with what to install."""
+    """The newest Debian PostgreSQL server's ``bin`` directory (skips or fails the test without one)."""
     found = sorted(_BIN_ROOT.glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
     if not found:
-        raise RuntimeError(
-            "failover tests need Debian's PostgreSQL server: apt-get install postgresql (CI installs it)"
-        )
+        require_peer("Debian's PostgreSQL server", "apt-get install postgresql")
     return found[-1].parent
 
 
@@ -187,6 +194,10 @@ class ReplicatedPostgres:
     def fail_over(self) -> None:
         """Kills the primary and promotes the standby (which becomes :attr:`primary`)."""
         self.primary.kill()
+        self.promote()
+
+    def promote(self) -> None:
+        """Promotes the standby (the primary is dead): it becomes :attr:`primary`."""
         self.standby.tool("pg_ctl", "promote", "-w", "-D", str(self.standby.data))
         if self.synchronous:  # nobody to wait for until a new standby is attached
             self.standby.sql("ALTER SYSTEM SET synchronous_standby_names = ''")

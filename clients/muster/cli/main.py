@@ -329,7 +329,9 @@ def migrate(config_file: ConfigOpt = None) -> None:
     if settings.database_url is None:
         typer.echo("muster: set MUSTER_DATABASE_URL=postgresql://… to migrate", err=True)
         raise typer.Exit(2)
-    dsn = _dsn(config, settings)
+    _dsn(config, settings)  # exits 2 with the fix when the URLs are unusable
+    dsn = config.database_direct_dsn(settings)
+    assert dsn is not None
     try:
         applied = uvloop.run(server.run_migrations(dsn, list(SERVICES), wait=settings.database_wait.total_seconds()))
     except (TimeoutError, OSError) as exc:
@@ -346,6 +348,7 @@ def _dsn(config: Any, settings: Any) -> str:
     """The database URL to connect with (an encrypted password decrypted); exit 2 with the fix otherwise."""
     try:
         dsn = config.database_dsn(settings)
+        config.database_direct_dsn(settings)  # checked now: a pooled URL needs a direct one
     except ValueError as exc:
         typer.echo(f"muster: {exc}", err=True)
         raise typer.Exit(2) from None

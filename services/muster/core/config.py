@@ -61,6 +61,16 @@ class Settings(BaseSettings):
         None,
         description="The database password, overriding database_url's; may be encrypted (muster encrypt-password).",
     )
+    database_pooled: bool = Field(
+        False,
+        description="database_url goes through a pooler in transaction mode (PgBouncer): no prepared statements "
+        "or session settings on it; LISTEN and migrations then use database_direct_url.",
+    )
+    database_direct_url: SecretStr | None = Field(
+        None,
+        description="postgresql://… reaching PostgreSQL itself (not a transaction pooler), for the LISTEN "
+        "connection and migrations; unset: database_url.",
+    )
     secure_cookie_key_file: Path | None = Field(
         None, description="The cookie key file that decrypts an encrypted database password (and its .d/ versions)."
     )
@@ -237,9 +247,29 @@ def database_dsn(settings: Settings) -> str | None:
     """
     if settings.database_url is None:
         return None
+    return _with_password(settings.database_url.get_secret_value(), settings)
+
+
+def database_direct_dsn(settings: Settings) -> str | None:
+    """The URL for LISTEN and migrations (``database_direct_url``, else ``database_url``), as :func:`database_dsn`.
+
+    Raises:
+        ValueError: as :func:`database_dsn`; also when ``database_pooled`` is on without a direct URL
+            (LISTEN does not work through a transaction pooler).
+    """
+    if settings.database_direct_url is None:
+        if settings.database_pooled:
+            raise ValueError(
+                "database_pooled is on but database_direct_url is unset: LISTEN does not work through a "
+                "transaction pooler; set MUSTER_DATABASE_DIRECT_URL to a URL that reaches PostgreSQL itself"
+            )
+        return database_dsn(settings)
+    return _with_password(settings.database_direct_url.get_secret_value(), settings)
+
+
+def _with_password(url: str, settings: Settings) -> str:
     from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-    url = settings.database_url.get_secret_value()
     parts = urlsplit(url)
     password = (
         settings.database_password.get_secret_value()

@@ -62,18 +62,24 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     """
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float, pooled: bool = False) -> asyncpg.Pool:
     """Creates the pool once the database is reachable.
 
     The pool survives a database restart: a connection that died is replaced on its next use, and
     a call made while the database is down fails fast (callers map it to UNAVAILABLE).
+
+    ``pooled``: ``dsn`` is a pooler in transaction mode (PgBouncer), where consecutive transactions
+    may run on different server connections: no prepared statement is kept (asyncpg's statement
+    cache is off) and no session setting is sent (PgBouncer refuses unknown startup parameters; set
+    ``idle_in_transaction_session_timeout`` on the role instead, see the README).
     """
     await wait_for_database(dsn, timeout=wait)
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        server_settings=SERVER_SETTINGS,
+        server_settings={"application_name": SERVER_SETTINGS["application_name"]} if pooled else SERVER_SETTINGS,
+        statement_cache_size=0 if pooled else 100,
         max_inactive_connection_lifetime=60,
         reset=_keep_session,
         command_timeout=30,

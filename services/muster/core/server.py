@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from muster.core import auth, clock, db, events, metrics, migrate, telemetry
+from muster.core import auth, clock, config, db, events, metrics, migrate, telemetry
 from muster.core.config import Settings
 from muster.core.watch import Streams
 
@@ -189,7 +189,11 @@ async def serve(
     if tracing is None:
         tracing = telemetry.setup_tracing("muster-" + "-".join(components))
     meters = metrics.setup_metrics("muster-" + "-".join(components), settings.metrics_listen)
-    applied = await run_migrations(dsn, components, wait=settings.database_wait.total_seconds())
+    # LISTEN and migrations need a real session: behind a transaction pooler they take the direct URL.
+    direct = dsn
+    if settings.database_direct_url is not None or settings.database_pooled:
+        direct = config.database_direct_dsn(settings) or dsn
+    applied = await run_migrations(direct, components, wait=settings.database_wait.total_seconds())
     if applied:
         log.info("applied %d migrations", len(applied), extra={"event": "migrated"})
     pool = await db.create_pool(
@@ -197,8 +201,9 @@ async def serve(
         min_size=settings.pool_min_size,
         max_size=settings.pool_max_size,
         wait=settings.database_wait.total_seconds(),
+        pooled=settings.database_pooled,
     )
-    bus = events.EventBus(pool, dsn, poll_interval=settings.poll_interval)
+    bus = events.EventBus(pool, direct, poll_interval=settings.poll_interval)
     health_servicer = health.aio.HealthServicer()
     runtime = Runtime(settings, dsn, pool, bus, Streams(), health_servicer, security)
     observed: list[Any] = []
