@@ -5,6 +5,7 @@ view at an exact revision. Real server processes and a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import Iterator
 
@@ -12,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf import any_pb2
-from harness import ServerProcess, apply_event, comparable, error_reason, registry
+from harness import ServerProcess, apply_event, comparable, error_reason, registry, wait_for
 
 from muster.api.errors.v1 import error_reason_pb2
 from muster.api.events.v1 import event_pb2
@@ -236,3 +237,246 @@ async def test_list_nodes_pages_carry_their_revision_and_follow_the_order(replic
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await b.GetNodeStatus(pb.GetNodeStatusRequest(node_id=999_999))
         assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _db_rows(url: str, sql: str) -> list[asyncpg.Record]:
+    con = await asyncpg.connect(url)
+    try:
+        return await con.fetch(sql)
+    finally:
+        await con.close()
+
+
+async def test_no_acknowledged_heartbeat_is_lost_with_batches_on_two_replicas(
+    replicas: list[ServerProcess], database_url: str
+) -> None:
+    """Streams on both replicas send messages of several heartbeats (and single ones) as fast as
+    they are answered; every node's stored last_seen_time must be at least the server time of
+    the last answer its heartbeat got, and its stored load the last one acknowledged."""
+    async with registry(replicas[0].address) as a, registry(replicas[1].address) as b:
+        nodes = await _join_many(a, 60, "beat")
+        acked: dict[int, tuple[float, int]] = {}  # node -> (server time of its last answer, session count sent)
+        rounds = 25
+
+        async def stream(k: int) -> None:
+            mine = nodes[k::4]
+            stub = (a, b)[k % 2]
+            sent: list[list[tuple[int, int]]] = []
+
+            async def requests():
+                for r in range(rounds):
+                    batch = [(n.id, r * 100 + k) for n in mine]
+                    sent.append(batch)
+                    beats = [
+                        pb.HeartbeatRequest(
+                            node_id=n.id, lease_id=n.lease_id, load=node_pb2.Load(session_count=r * 100 + k)
+                        )
+                        for n in mine
+                    ]
+                    if k == 3 and r % 5 == 0:  # an old-style single heartbeat now and then
+                        sent[-1] = batch[:1]
+                        yield pb.KeepAliveRequest(heartbeat=beats[0])
+                    else:
+                        yield pb.KeepAliveRequest(heartbeats=beats)
+                    await asyncio.sleep(0)
+
+            i = 0
+            async for resp in stub.KeepAlive(requests()):
+                assert not resp.errors, resp.errors
+                at = resp.heartbeat.server_time.ToDatetime().timestamp()
+                for node_id, sessions in sent[i]:
+                    acked[node_id] = (at, sessions)
+                i += 1
+            assert i == rounds
+
+        await asyncio.gather(*(stream(k) for k in range(4)))
+    rows = await _db_rows(
+        database_url, "SELECT id, extract(epoch FROM last_seen_time) AS seen, session_count FROM registry.nodes"
+    )
+    stored = {r["id"]: (float(r["seen"]), r["session_count"]) for r in rows}
+    assert set(acked) == {n.id for n in nodes}
+    for node_id, (at, sessions) in acked.items():
+        assert stored[node_id][0] >= at - 1e-3, f"node {node_id}: acknowledged at {at}, stored {stored[node_id][0]}"
+        assert stored[node_id][1] == sessions, node_id
+
+
+async def test_heartbeats_are_hot_updates(replicas: list[ServerProcess], database_url: str) -> None:
+    async with registry(replicas[0].address) as stub:
+        nodes = await _join_many(stub, 20, "hot")
+        before = await _db_rows(
+            database_url,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'registry.nodes'::regclass",
+        )
+
+        for _ in range(10):  # one message per call, each answered before the next: 200 renewals
+            msg = pb.KeepAliveRequest(
+                heartbeats=[pb.HeartbeatRequest(node_id=n.id, lease_id=n.lease_id) for n in nodes]
+            )
+            answers = [r async for r in stub.KeepAlive(iter([msg]))]
+            assert len(answers) == 1 and not answers[0].errors
+
+    async def counted():
+        rows = await _db_rows(
+            database_url,
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = 'registry.nodes'::regclass",
+        )
+        upd = rows[0]["n_tup_upd"] - before[0]["n_tup_upd"]
+        hot = rows[0]["n_tup_hot_upd"] - before[0]["n_tup_hot_upd"]
+        return (upd, hot) if upd >= 200 else None
+
+    # Statistics reach pg_stat_user_tables within about a second of the server's statements.
+    upd, hot = await wait_for(counted, timeout=15, interval=0.2, what="the heartbeats' statistics")
+    assert hot >= 0.9 * upd, (upd, hot)
+
+
+async def test_list_nodes_on_either_replica_sees_a_write_acknowledged_by_the_other(
+    replicas: list[ServerProcess],
+) -> None:
+    """Read-your-writes across replicas, without wait_for_revision: right after one replica
+    acknowledges a join, a mode change or a leave, ListNodes and GetNodeStatus on the other one
+    show it (while other writers keep both replicas busy)."""
+    async with registry(replicas[0].address) as a, registry(replicas[1].address) as b:
+        stop = asyncio.Event()
+
+        async def noise(k: int) -> None:
+            i = 0
+            while not stop.is_set():
+                await (a, b)[k % 2].JoinNode(pb.JoinNodeRequest(host=f"noise{k}-{i % 20}.test", port=8787))
+                i += 1
+
+        background = [asyncio.create_task(noise(k)) for k in range(4)]
+        try:
+            for i in range(40):
+                writer, reader = ((a, b), (b, a))[i % 2]
+                node = (await writer.JoinNode(pb.JoinNodeRequest(host=f"ryw{i}.test", port=8787))).node
+                listed = {n.id: n for n in (await reader.ListNodes(pb.ListNodesRequest(page_size=10_000))).nodes}
+                assert node.id in listed, f"join of {node.id} on one replica not listed by the other"
+                await writer.SetNodeMode(pb.SetNodeModeRequest(node_id=node.id, mode=DRAINING))
+                status = await reader.GetNodeStatus(pb.GetNodeStatusRequest(node_id=node.id))
+                assert status.node.mode == DRAINING
+                await writer.LeaveNode(pb.LeaveNodeRequest(node_id=node.id, lease_id=node.lease_id))
+                listed = {n.id: n for n in (await reader.ListNodes(pb.ListNodesRequest(page_size=10_000))).nodes}
+                assert listed[node.id].state == node_pb2.Node.STATE_OFFLINE
+        finally:
+            stop.set()
+            await asyncio.gather(*background)
+
+
+async def test_resync_is_the_log_folded_to_its_revision_while_two_replicas_write(
+    replicas: list[ServerProcess], database_url: str
+) -> None:
+    async with registry(replicas[0].address) as a, registry(replicas[1].address) as b:
+        seed = await _join_many(a, 15, "rs")
+        stop = asyncio.Event()
+
+        async def writer(k: int) -> None:
+            rnd = random.Random(k)
+            i = 0
+            while not stop.is_set():
+                stub = (a, b)[k % 2]
+                if i % 3 == 0:
+                    await stub.JoinNode(pb.JoinNodeRequest(host=f"rs-late{k}-{i}.test", port=8787))
+                else:
+                    await stub.SetNodeMode(
+                        pb.SetNodeModeRequest(node_id=rnd.choice(seed).id, mode=rnd.choice((ACTIVE, DRAINING)))
+                    )
+                i += 1
+
+        writers = [asyncio.create_task(writer(k)) for k in range(4)]
+        resyncs: list[pb.Resync] = []
+        try:
+            for i in range(16):
+                stub = (a, b)[i % 2]
+                node_ids = [seed[0].id, seed[5].id] if i % 4 == 3 else []
+                call = stub.WatchEvents(pb.WatchEventsRequest(start_revision=0, node_ids=node_ids))
+                first = await call.read()
+                call.cancel()
+                assert first.WhichOneof("kind") == "resync"
+                resyncs.append((first.resync, set(node_ids)))
+                await asyncio.sleep(0.03)
+        finally:
+            stop.set()
+            await asyncio.gather(*writers)
+
+    events = await _events(database_url)
+    assert len({r.revision for r, _ in resyncs}) > 3
+    for resync, only in resyncs:
+        state: dict[int, node_pb2.Node] = {}
+        for ev in events[: resync.revision]:
+            apply_event(state, ev)
+        expected = sorted(
+            (n for n in state.values() if not only or n.id in only),
+            key=lambda n: (n.state != node_pb2.Node.STATE_ONLINE, n.id),
+        )
+        assert [comparable(n) for n in resync.nodes] == [comparable(n) for n in expected], resync.revision
+        assert resync.cluster_epoch >= 1
+
+
+async def test_a_cluster_with_several_leases_beats_them_on_one_stream_several_per_message(
+    replicas: list[ServerProcess], database_url: str
+) -> None:
+    from muster.client import Cluster, Load
+    from muster.client import errors as E
+
+    async with Cluster.connect(replicas[0].address) as cluster:
+        leases = await asyncio.gather(*(cluster.join_node(f"shared{i}.test", 8787) for i in range(30)))
+        stale = dataclasses.replace(
+            leases[7], node=dataclasses.replace(leases[7].node, lease_id=leases[7].lease_id + 1000)
+        )
+        alives = [cluster.keep_alive(lease) for lease in [*leases, stale]]
+        try:
+            for r in range(5):
+                outcomes = await asyncio.gather(
+                    *(ka.beat(Load(session_count=r + 1)) for ka in alives), return_exceptions=True
+                )
+                assert isinstance(outcomes[-1], E.StaleLeaseError), outcomes[-1]
+                assert all(not isinstance(o, BaseException) for o in outcomes[:-1]), outcomes
+            shared = cluster._shared_keep_alive
+            assert shared is not None and shared.largest == 31 and shared.messages == 5
+        finally:
+            for ka in alives:
+                await ka.close()
+        # With one lease left, it beats on a stream of its own, one heartbeat per message.
+        alone = cluster.keep_alive(leases[0])
+        try:
+            await alone.beat(Load(session_count=9))
+        finally:
+            await alone.close()
+        assert shared.messages == 5
+    rows = await _db_rows(database_url, "SELECT id, session_count FROM registry.nodes")
+    counts = {r["id"]: r["session_count"] for r in rows}
+    assert counts[leases[0].node_id] == 9
+    assert all(counts[lease.node_id] == 5 for lease in leases[1:])
+
+
+async def test_agents_sharing_a_cluster_heartbeat_on_one_stream(replicas: list[ServerProcess], tmp_path) -> None:  # noqa: ANN001
+    from muster.client import Agent, AgentConfig, Cluster
+
+    async with Cluster.connect(replicas[0].address) as cluster:
+        agents = [
+            Agent(
+                cluster,
+                AgentConfig(
+                    host_name=f"agent{i}.test",
+                    state_dir=tmp_path / str(i),
+                    serve_socket=False,
+                    report_sessions=False,
+                ),
+            )
+            for i in range(4)
+        ]
+        stop = asyncio.Event()
+        runs = [asyncio.create_task(agent.run(stop)) for agent in agents]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(agent.wait_joined() for agent in agents)), 15)
+
+            def beaten() -> bool:
+                shared = cluster._shared_keep_alive
+                return shared is not None and shared.messages >= 6
+
+            await wait_for(beaten, timeout=15, what="heartbeats on the shared stream")
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*runs), 15)
+        listed = {n.address: n for n in (await cluster.list_nodes()).nodes}
+        assert all(listed[f"agent{i}.test:8787"].state.name == "OFFLINE" for i in range(4))
