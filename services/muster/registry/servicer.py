@@ -32,10 +32,11 @@ _NODE_TAG = tag(1)
 
 def _heartbeat_error(index: int, exc: BaseException) -> pb.HeartbeatError:
     err = translate(exc)
+    reason = "ERROR_REASON_" + err.reason
     return pb.HeartbeatError(
         index=index,
         code=err.code.value[0],
-        reason=error_reason_pb2.ErrorReason.Value("ERROR_REASON_" + err.reason),
+        reason=error_reason_pb2.ErrorReason.Value(reason) if reason in error_reason_pb2.ErrorReason.keys() else 0,
         message=str(err),
         metadata=err.metadata,
     )

@@ -34,7 +34,7 @@ import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
@@ -104,13 +104,32 @@ def raw_message(data: bytes) -> Message:
 class _Entry:
     msg: node_pb2.Node
     last_seen: datetime
+    expire: datetime
     part: bytes | None = None  # varint length + the node's bytes; None after a change
+    # A renewal not yet written into ``msg`` (last seen, expiry, load): heartbeats arrive far more
+    # often than anyone reads, so the message is only brought up to date when it is read.
+    live: tuple[datetime, datetime, Load] | None = None
+
+    def current(self) -> node_pb2.Node:
+        if self.live is not None:
+            seen, expire, load = self.live
+            msg = self.msg
+            msg.last_seen_time.FromDatetime(seen)
+            msg.lease_expire_time.FromDatetime(expire)
+            msg.load.CopyFrom(convert.load_to_proto(load))
+            self.live = None
+        return self.msg
 
     def encoded(self) -> bytes:
         if self.part is None:
-            data = self.msg.SerializeToString()
+            data = self.current().SerializeToString()
             self.part = _varint(len(data)) + data
         return self.part
+
+    def renew(self, seen: datetime, expire: datetime, load: Load) -> None:
+        self.live = (seen, expire, load)
+        self.last_seen, self.expire = seen, expire
+        self.part = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +272,7 @@ class NodeView:
     def node(self, node_id: int) -> node_pb2.Node | None:
         """One node's message (the view's own: do not change it), or None."""
         entry = self._nodes.get(node_id)
-        return None if entry is None else entry.msg
+        return None if entry is None else entry.current()
 
     def encoded(self, node_id: int) -> bytes | None:
         """One node's length-prefixed bytes, or None."""
@@ -267,14 +286,15 @@ class NodeView:
 
     def observe(self, beats: Sequence[Beat], outcomes: Sequence[Outcome]) -> None:
         """Takes this replica's committed heartbeats: last seen (the commit's database time), expiry, load."""
+        nodes = self._nodes
         for (node_id, lease_id, load), outcome in zip(beats, outcomes, strict=True):
             if not isinstance(outcome, HeartbeatResult):
                 continue
-            entry = self._nodes.get(node_id)
+            entry = nodes.get(node_id)
             if entry is None or entry.msg.lease_id != lease_id or outcome.server_time <= entry.last_seen:
                 continue
             metrics.heartbeat_gap.record((outcome.server_time - entry.last_seen).total_seconds())
-            _set_live(entry, outcome.server_time, outcome.lease_expire_time, load)
+            entry.renew(outcome.server_time, outcome.lease_expire_time, load)
 
     def _take_live(self, rows: Iterable[object]) -> int:
         changed = 0
@@ -283,13 +303,11 @@ class NodeView:
             if entry is None or entry.msg.lease_id != r["lease_id"]:  # type: ignore[index]
                 continue
             seen: datetime = r["last_seen_time"]  # type: ignore[index]
-            if seen < entry.last_seen:
-                continue
             expire: datetime = r["lease_expire_time"]  # type: ignore[index]
-            load = Load(r["load1"], r["load5"], r["load15"], r["cpu_count"], r["session_count"])  # type: ignore[index]
-            if seen == entry.last_seen and expire == entry.msg.lease_expire_time.ToDatetime(tzinfo=expire.tzinfo):
+            if seen < entry.last_seen or (seen == entry.last_seen and expire == entry.expire):
                 continue
-            _set_live(entry, seen, expire, load)
+            load = Load(r["load1"], r["load5"], r["load15"], r["cpu_count"], r["session_count"])  # type: ignore[index]
+            entry.renew(seen, expire, load)
             changed += 1
         return changed
 
@@ -305,8 +323,9 @@ class NodeView:
                 rows, now = await self._store.live_since(None if full or since is None else since)
                 self._take_live(rows)
                 # Slack: a heartbeat's last_seen is its statement's start, which may precede this
-                # query's time by as long as the statement ran before it committed.
-                since = now - self._store.timing.heartbeat_interval
+                # query's time by as long as the statement ran before it committed (one refresh
+                # interval of slack; the full refresh catches anything slower).
+                since = now - timedelta(seconds=self._refresh_interval)
                 rounds += 1
             except asyncio.CancelledError:
                 raise
@@ -333,7 +352,7 @@ class NodeView:
         self._order = ([], [])
         for n in nodes:
             msg = convert.node_to_proto(n)
-            self._nodes[n.id] = _Entry(msg, n.last_seen_time)
+            self._nodes[n.id] = _Entry(msg, n.last_seen_time, n.lease_expire_time)
             self._order[0 if msg.state == _ONLINE else 1].append(n.id)
         self._order[0].sort()
         self._order[1].sort()
@@ -388,6 +407,7 @@ class NodeView:
 
     def _put(self, msg: node_pb2.Node) -> None:
         seen = msg.last_seen_time.ToDatetime(tzinfo=UTC)
+        expire = msg.lease_expire_time.ToDatetime(tzinfo=UTC)
         old = self._nodes.get(msg.id)
         rank = 0 if msg.state == _ONLINE else 1
         if old is None:
@@ -400,23 +420,15 @@ class NodeView:
                 bisect.insort(self._order[rank], msg.id)
             if old.msg.lease_id == msg.lease_id and old.last_seen > seen:
                 # A heartbeat the view already has is newer than the row the event carries.
-                msg.last_seen_time.CopyFrom(old.msg.last_seen_time)
-                msg.lease_expire_time.CopyFrom(old.msg.lease_expire_time)
-                msg.load.CopyFrom(old.msg.load)
-                seen = old.last_seen
-        self._nodes[msg.id] = _Entry(msg, seen)
+                current = old.current()
+                msg.last_seen_time.CopyFrom(current.last_seen_time)
+                msg.lease_expire_time.CopyFrom(current.lease_expire_time)
+                msg.load.CopyFrom(current.load)
+                seen, expire = old.last_seen, old.expire
+        self._nodes[msg.id] = _Entry(msg, seen, expire)
 
     def _remove(self, node_id: int) -> None:
         old = self._nodes.pop(node_id, None)
         if old is not None:
             ids = self._order[0 if old.msg.state == _ONLINE else 1]
             del ids[bisect.bisect_left(ids, node_id)]
-
-
-def _set_live(entry: _Entry, seen: datetime, expire: datetime, load: Load) -> None:
-    msg = entry.msg
-    msg.last_seen_time.FromDatetime(seen)
-    msg.lease_expire_time.FromDatetime(expire)
-    msg.load.CopyFrom(convert.load_to_proto(load))
-    entry.last_seen = seen
-    entry.part = None
