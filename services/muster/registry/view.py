@@ -370,6 +370,13 @@ class NodeView:
     async def _follow(self) -> None:
         """Applies events until history the view needs is gone (then returns, to load again)."""
         while True:
+            if self.revision < self._bus.epoch_floor:
+                # The database failed over: what the view applied may not have survived.
+                log.warning(
+                    "node view: the database is on a new timeline; loading a snapshot",
+                    extra={"event": "node_view_resync"},
+                )
+                return
             await self._bus.wait(self.revision, 1.0)
             batch = await self._bus.read(self.revision, _READ_LIMIT)
             if not batch:
