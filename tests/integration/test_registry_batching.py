@@ -480,3 +480,22 @@ async def test_agents_sharing_a_cluster_heartbeat_on_one_stream(replicas: list[S
             await asyncio.wait_for(asyncio.gather(*runs), 15)
         listed = {n.address: n for n in (await cluster.list_nodes()).nodes}
         assert all(listed[f"agent{i}.test:8787"].state.name == "OFFLINE" for i in range(4))
+
+
+async def test_a_heartbeat_on_one_replica_shows_in_the_other_replicas_list_within_a_second(
+    replicas: list[ServerProcess],
+) -> None:
+    async with registry(replicas[0].address) as a, registry(replicas[1].address) as b:
+        node = (await a.JoinNode(pb.JoinNodeRequest(host="live.test", port=8787))).node
+        await b.ListNodes(pb.ListNodesRequest())  # b's view has the node (and has just refreshed)
+        beat = await a.Heartbeat(
+            pb.HeartbeatRequest(node_id=node.id, lease_id=node.lease_id, load=node_pb2.Load(session_count=5))
+        )
+        # This replica's own heartbeat shows at once...
+        mine = {n.id: n for n in (await a.ListNodes(pb.ListNodesRequest())).nodes}[node.id]
+        assert mine.load.session_count == 5 and mine.last_seen_time == beat.server_time
+        # ...the other's within its refresh interval (renewals are not events).
+        await asyncio.sleep(1.1)
+        theirs = {n.id: n for n in (await b.ListNodes(pb.ListNodesRequest())).nodes}[node.id]
+        assert theirs.load.session_count == 5 and theirs.last_seen_time == beat.server_time
+        assert theirs.lease_expire_time == beat.lease_expire_time

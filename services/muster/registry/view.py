@@ -17,10 +17,12 @@ nothing is encoded again per request.
 
 Heartbeats change ``last_seen_time``, ``lease_expire_time`` and the load without events. The view
 takes them (a) at once from this replica's own heartbeat batches (:meth:`NodeView.observe`, after
-their commit) and (b) from a batched query of the rows seen since the last one, every
-``refresh_interval`` (a full one every ``full_refresh_every`` rounds, which also picks up the
-expiries an outage credit moved). So ``last_seen_time`` is exact for heartbeats this replica
-committed and at most ``refresh_interval`` late for those another replica committed. Health
+their commit; written into a node's message only when it is next read) and (b) on demand: a read
+that waits for the head (:meth:`NodeView.caught_up`) first queries the rows seen since the last
+such query when that is older than ``refresh_interval`` (every row, every ``full_refresh_every``
+intervals, which also picks up the expiries an outage credit moved). So ``last_seen_time`` is exact
+for heartbeats this replica committed and at most ``refresh_interval`` late for those another
+replica committed, and a replica nobody reads from spends nothing on them. Health
 (MISSED_CHECK_IN) is stored by the reaper and comes with its events (NodeSuspected, NodeRecovered),
 at its revision like every other state. Live fields are only taken for the same lease id and only
 forward in time, so neither an event nor a refresh can move them back.
@@ -32,6 +34,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -62,6 +65,7 @@ _MODE_CHANGED = _PREFIX + "NodeModeChanged"
 _DELETED = _PREFIX + "NodeDeleted"
 _RESET = _PREFIX + "ClusterReset"
 _READ_LIMIT = 5_000
+_REFRESH_SLACK = timedelta(seconds=1)
 
 
 def _varint(value: int) -> bytes:
@@ -147,8 +151,10 @@ class NodeView:
     Args:
         store: the registry's store (the snapshot, the live fields, numbering passes).
         bus: this process's event bus.
-        refresh_interval: how often the live fields are read from the table (seconds).
-        full_refresh_every: every how many refreshes every row is read (else those seen since the last).
+        refresh_interval: a read refreshes the live fields from the table when the last refresh is
+            older than this (seconds).
+        full_refresh_every: every this many refresh intervals, a refresh reads every row (else the
+            rows seen since the last one).
         wait_timeout: how long a caller waits for the view to reach a revision before UNAVAILABLE.
     """
 
@@ -172,6 +178,10 @@ class NodeView:
         self.epoch = 0
         self.loads = 0  # snapshots loaded (1 at start; more after falling behind compaction)
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._since: datetime | None = None  # the live fields are current for rows seen before this
+        self._refreshed_at = float("-inf")
+        self._full_at = float("-inf")
+        self._refreshing: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -179,7 +189,6 @@ class NodeView:
     async def start(self) -> None:
         """Starts following the log (the first snapshot loads in the background)."""
         self._tasks.append(asyncio.create_task(self._run(), name="muster-node-view"))
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="muster-node-view-refresh"))
 
     async def stop(self) -> None:
         """Stops following; waiting callers get UNAVAILABLE."""
@@ -208,7 +217,9 @@ class NodeView:
         """
         head = await self._store.number_pending()
         self._bus.advance(head)  # another replica may have numbered it: its notification may be on its way
-        return await self.at_least(head)
+        await self.at_least(head)
+        await self.refreshed()
+        return self.revision
 
     async def at_least(self, revision: int) -> int:
         """Waits until the view has reached ``revision`` (and is loaded); returns its revision."""
@@ -311,26 +322,35 @@ class NodeView:
             changed += 1
         return changed
 
-    async def _refresh_loop(self) -> None:
-        since: datetime | None = None
-        rounds = 0
-        while True:
-            await asyncio.sleep(self._refresh_interval)
-            if self.revision < 0:
-                continue
-            try:
-                full = rounds % self._full_every == 0
-                rows, now = await self._store.live_since(None if full or since is None else since)
-                self._take_live(rows)
-                # Slack: a heartbeat's last_seen is its statement's start, which may precede this
-                # query's time by as long as the statement ran before it committed (one refresh
-                # interval of slack; the full refresh catches anything slower).
-                since = now - timedelta(seconds=self._refresh_interval)
-                rounds += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the database may be down; next round
-                log.debug("node view refresh failed: %s", type(exc).__name__)
+    async def refreshed(self) -> None:
+        """Brings the live fields up to date when the last refresh is older than ``refresh_interval``.
+
+        On demand, not on a timer: a replica nobody lists from reads nothing, and heartbeats cost
+        nothing more. Callers at the same moment share one query; a failure is only logged (the
+        answer then carries what the view has; renewals are not events and have no revision).
+        """
+        if self.revision < 0 or time.monotonic() - self._refreshed_at < self._refresh_interval:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        started = time.monotonic()
+        full = self._since is None or started - self._full_at >= self._full_every * self._refresh_interval
+        try:
+            rows, now = await self._store.live_since(None if full else self._since)
+        except Exception as exc:  # noqa: BLE001 - the database may be down; the next read tries again
+            log.debug("node view refresh failed: %s", type(exc).__name__)
+            return
+        self._take_live(rows)
+        # Slack: a heartbeat's last_seen is its statement's start, which may precede this query's
+        # time by as long as the statement ran before it committed (the full refresh catches
+        # anything slower, and the expiries an outage credit moved).
+        self._since = now - _REFRESH_SLACK
+        self._refreshed_at = started
+        if full:
+            self._full_at = started
 
     # -- following the log ----------------------------------------------------------------------
 
