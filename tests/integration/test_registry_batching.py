@@ -499,3 +499,27 @@ async def test_a_heartbeat_on_one_replica_shows_in_the_other_replicas_list_withi
         theirs = {n.id: n for n in (await b.ListNodes(pb.ListNodesRequest())).nodes}[node.id]
         assert theirs.load.session_count == 5 and theirs.last_seen_time == beat.server_time
         assert theirs.lease_expire_time == beat.lease_expire_time
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: pb.KeepAliveRequest(
+            heartbeat=pb.HeartbeatRequest(node_id=n.id, lease_id=n.lease_id),
+            heartbeats=[pb.HeartbeatRequest(node_id=n.id, lease_id=n.lease_id)],
+        ),
+        lambda n: pb.KeepAliveRequest(heartbeats=[pb.HeartbeatRequest(node_id=n.id, lease_id=n.lease_id)] * 1001),
+    ],
+    ids=["both-fields", "too-many"],
+)
+async def test_a_malformed_keepalive_message_ends_the_stream_naming_the_field(
+    replicas: list[ServerProcess],
+    make,  # noqa: ANN001
+) -> None:
+    async with registry(replicas[0].address) as stub:
+        node = (await stub.JoinNode(pb.JoinNodeRequest(host="malformed.test", port=8787))).node
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            async for _ in stub.KeepAlive(iter([make(node)])):
+                pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(exc.value)[1]["field"] == "heartbeats"
