@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -40,6 +41,7 @@ STREAMS_PER_PROCESS = 8  # KeepAlive streams per client process
 SERVER_INTERVAL = "1s"  # the nodes' interval, answered by JoinNode
 KEEP_UP = 0.97  # a step keeps up when its answers reach this share of its offered rate
 WARM_UP = 0.2  # share of a step's window before answers are counted
+TICK = 0.02  # batched: a stream sends the heartbeats due within each 20 ms tick as one message
 
 
 @dataclass
@@ -63,8 +65,13 @@ def _keepalive_client(
     interval: float,
     seconds: float,
     start_at: float,
+    batched: bool = False,
 ) -> StepResult:
-    """Simulates ``nodes`` (id, lease id, phase in [0, 1)) over ``streams`` KeepAlive streams."""
+    """Simulates ``nodes`` (id, lease id, phase in [0, 1)) over ``streams`` KeepAlive streams.
+
+    With ``batched``, each stream sends the heartbeats that are due together as one message
+    (``KeepAliveRequest.heartbeats``, what a client keeping many leases alive does), else one
+    heartbeat per message."""
 
     async def main() -> StepResult:
         import grpc
@@ -97,7 +104,7 @@ def _keepalive_client(
             async def one(beats: list[tuple[pb.KeepAliveRequest, int, float]]) -> None:
                 nonlocal offered, answered, unanswered
                 call = stub.KeepAlive()
-                sent: collections.deque[tuple[float, int]] = collections.deque()
+                sent: collections.deque[list[tuple[float, int]]] = collections.deque()
 
                 async def reader() -> None:
                     nonlocal answered
@@ -106,16 +113,39 @@ def _keepalive_client(
                             msg = await call.read()
                             if msg is grpc.aio.EOF:
                                 return
-                            at, node_id = sent.popleft()
-                            acknowledged.add(node_id)
+                            batch = sent.popleft()
+                            failed = {e.index for e in msg.errors}
+                            if failed:
+                                errors.append(f"{len(failed)} heartbeats failed: {msg.errors[0].message}")
                             now = time.monotonic()
-                            lags.append(now - at)
-                            if counted_from <= now <= t_end:
-                                answered += 1
+                            for i, (at, node_id) in enumerate(batch):
+                                if i in failed:
+                                    continue
+                                acknowledged.add(node_id)
+                                lags.append(now - at)
+                                if counted_from <= now <= t_end:
+                                    answered += 1
                     except grpc.aio.AioRpcError as exc:
                         errors.append(f"{exc.code().name}: {exc.details()}")
 
                 reading = asyncio.create_task(reader())
+                due: list[tuple[pb.KeepAliveRequest, float, int]] = []
+
+                async def flush() -> None:
+                    nonlocal offered
+                    if not due:
+                        return
+                    sent.append([(at, node_id) for _, at, node_id in due])
+                    offered += len(due)
+                    if batched:
+                        msg = pb.KeepAliveRequest(heartbeats=[r.heartbeat for r, _, _ in due])
+                        due.clear()
+                        await call.write(msg)
+                    else:
+                        req = due[0][0]
+                        due.clear()
+                        await call.write(req)
+
                 try:
                     base = t0
                     while base < t_end and not reading.done():
@@ -123,13 +153,18 @@ def _keepalive_client(
                             at = base + offset
                             if at >= t_end:
                                 break
-                            delay = at - time.monotonic()
+                            # Batched, a stream wakes once per tick and sends what is due by then in one
+                            # message (a client beating for many leases); else at each heartbeat's time.
+                            send_at = math.ceil(at / TICK) * TICK if batched else at
+                            delay = send_at - time.monotonic()
                             if delay > 0.001:  # send everything due, then sleep until the next one
+                                await flush()
                                 await asyncio.sleep(delay)
-                            sent.append((at, node_id))
-                            offered += 1
-                            await call.write(req)
+                            due.append((req, at, node_id))
+                            if not batched or len(due) >= 1_000:
+                                await flush()
                         base += interval
+                    await flush()
                     await call.done_writing()
                     # Answers still owed get one interval (at least a second) to arrive.
                     await asyncio.wait({reading}, timeout=max(1.0, interval))
@@ -139,8 +174,8 @@ def _keepalive_client(
                     reading.cancel()
                     call.cancel()
                 now = time.monotonic()
-                unanswered += len(sent)
-                lags.extend(now - at for at, _ in sent)  # a lower bound of their lag
+                unanswered += sum(len(b) for b in sent)
+                lags.extend(now - at for b in sent for at, _ in b)  # a lower bound of their lag
 
             await asyncio.gather(*(one(b) for b in per_stream if b))
             cpu = time.process_time() - cpu0
@@ -262,6 +297,7 @@ def _step(
     interval: float,
     seconds: float,
     lead: float,
+    batched: bool = False,
 ) -> Step:
     n = len(nodes)
     with_phase = [(node_id, lease_id, i / n) for i, (node_id, lease_id) in enumerate(nodes)]
@@ -270,7 +306,7 @@ def _step(
     servers = _server_pids()
     start_at = time.monotonic() + lead
     pending = [
-        pool.apply_async(_keepalive_client, (address, share, STREAMS_PER_PROCESS, interval, seconds, start_at))
+        pool.apply_async(_keepalive_client, (address, share, STREAMS_PER_PROCESS, interval, seconds, start_at, batched))
         for share in shares
     ]
     # CPU use over the measured window only (the clients start together at start_at).
@@ -322,7 +358,11 @@ def heartbeats_absorbed(opts: Options) -> None:
     n = 1_000 if opts.quick else 10_000
     seconds = 1.5 if opts.quick else max(2.0, opts.seconds)
     # The ramp's offered rates (heartbeats/s); each step's simulated interval is n / rate.
-    ramp = (2_000, 5_000, 10_000, 20_000) if opts.quick else (5_000, 7_500, 8_750, 10_000, 12_500, 15_000, 20_000)
+    ramp = (
+        (2_000, 5_000, 10_000, 20_000)
+        if opts.quick
+        else (5_000, 7_500, 8_750, 10_000, 12_500, 15_000, 20_000, 25_000, 30_000, 40_000)
+    )
     env = {
         "MUSTER_HEARTBEAT_INTERVAL": SERVER_INTERVAL,
         # Joining 10,000 nodes takes a while: nobody may expire or go suspect meanwhile.
@@ -330,7 +370,6 @@ def heartbeats_absorbed(opts: Options) -> None:
         "MUSTER_LEASE_TTL": "10m",
         "MUSTER_REAP_INTERVAL": "1s",
     }
-    streams = PROCESSES * STREAMS_PER_PROCESS
     with control_plane(1, fsync=opts.fsync, env=env) as cluster:
         address = cluster.addresses[0]
         nodes = _join_all(address, n, "hba")
@@ -338,49 +377,67 @@ def heartbeats_absorbed(opts: Options) -> None:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(PROCESSES) as pool:
             lead = 3.0  # spawned interpreters need a moment to import gRPC
-            runs, lats = [], []
-            print(f"# heartbeats-absorbed: {n:,} nodes, {streams} KeepAlive streams", file=sys.stderr, flush=True)
-            for _ in range(opts.runs):
-                s = _step(pool, cluster.database_url, address, nodes, interval, max(seconds, interval), lead)
-                lead = 1.0
-                print(_describe(s), file=sys.stderr, flush=True)
-                if s.lost:
-                    raise AssertionError(f"answered heartbeats missing from the database: {_describe(s)}")
-                runs.append(s.absorbed)
-                lats += s.lags
-            _report(
-                f"heartbeats-absorbed nodes={n} interval={interval * 1000:.0f}ms streams={streams} replicas=1",
-                "heartbeats/s",
-                runs,
-                lats,
-            )
-            best: Step | None = None
-            for rate in ramp:
-                step_interval = n / rate
-                # A step that fails is tried once more (the machine is shared: one hiccup must not
-                # end the ramp); the ramp ends at the first step that fails twice.
-                for _ in range(2):
-                    # At least one whole interval, so that every node heartbeats during the step.
-                    step_seconds = max(seconds, step_interval)
-                    s = _step(pool, cluster.database_url, address, nodes, step_interval, step_seconds, lead)
-                    print(_describe(s), file=sys.stderr, flush=True)
-                    if s.lost:
-                        raise AssertionError(f"answered heartbeats missing from the database: {_describe(s)}")
-                    if s.sustained:
-                        break
-                if not s.sustained:
-                    break
-                best = s
-            if best is None:
-                print("heartbeats-absorbed max-sustained: no step of the ramp was sustained", flush=True)
-            else:
-                _report(
-                    f"heartbeats-absorbed max-sustained nodes={n} interval={best.interval * 1000:.0f}ms "
-                    f"streams={streams} replicas=1",
-                    "heartbeats/s",
-                    [best.absorbed],
-                    best.lags,
-                )
+            for batched in (False, True):
+                lead = _series(pool, cluster.database_url, address, nodes, interval, seconds, ramp, opts, lead, batched)
+
+
+def _series(
+    pool: multiprocessing.pool.Pool,
+    database_url: str,
+    address: str,
+    nodes: list[tuple[int, int]],
+    interval: float,
+    seconds: float,
+    ramp: tuple[int, ...],
+    opts: Options,
+    lead: float,
+    batched: bool,
+) -> float:
+    """The at-interval figure and the ramp, with one heartbeat per message or (``batched``) the
+    heartbeats due together in one message; returns the lead for the next step."""
+    n, streams = len(nodes), PROCESSES * STREAMS_PER_PROCESS
+    name = "heartbeats-absorbed batched" if batched else "heartbeats-absorbed"
+    runs, lats = [], []
+    how = "heartbeats due together in one message" if batched else "one heartbeat per message"
+    print(f"# {name}: {n:,} nodes, {streams} KeepAlive streams, {how}", file=sys.stderr, flush=True)
+    for _ in range(opts.runs):
+        s = _step(pool, database_url, address, nodes, interval, max(seconds, interval), lead, batched)
+        lead = 1.0
+        print(_describe(s), file=sys.stderr, flush=True)
+        if s.lost:
+            raise AssertionError(f"answered heartbeats missing from the database: {_describe(s)}")
+        runs.append(s.absorbed)
+        lats += s.lags
+    _report(
+        f"{name} nodes={n} interval={interval * 1000:.0f}ms streams={streams} replicas=1", "heartbeats/s", runs, lats
+    )
+    best: Step | None = None
+    for rate in ramp:
+        step_interval = n / rate
+        # A step that fails is tried once more (the machine is shared: one hiccup must not
+        # end the ramp); the ramp ends at the first step that fails twice.
+        for _ in range(2):
+            # At least one whole interval, so that every node heartbeats during the step.
+            step_seconds = max(seconds, step_interval)
+            s = _step(pool, database_url, address, nodes, step_interval, step_seconds, lead, batched)
+            print(_describe(s), file=sys.stderr, flush=True)
+            if s.lost:
+                raise AssertionError(f"answered heartbeats missing from the database: {_describe(s)}")
+            if s.sustained:
+                break
+        if not s.sustained:
+            break
+        best = s
+    if best is None:
+        print(f"{name} max-sustained: no step of the ramp was sustained", flush=True)
+    else:
+        _report(
+            f"{name} max-sustained nodes={n} interval={best.interval * 1000:.0f}ms streams={streams} replicas=1",
+            "heartbeats/s",
+            [best.absorbed],
+            best.lags,
+        )
+    return lead
 
 
 def _answered_interval(address: str) -> float:

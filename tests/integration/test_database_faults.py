@@ -209,6 +209,7 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
                 ("registry", 1),
                 ("registry", 2),
                 ("registry", 3),
+                ("registry", 4),
                 ("locks", 1),
                 ("locks", 2),
                 ("locks", 3),

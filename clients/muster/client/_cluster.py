@@ -21,6 +21,7 @@ from muster.client import keyfiles
 from muster.client._balancer import BalancerApi
 from muster.client._channel import Endpoint, backoff
 from muster.client._config import ClientConfig, default_address, split_addresses
+from muster.client._heartbeats import SharedKeepAlive
 from muster.client._keys import KeysApi
 from muster.client._locks import LocksApi
 from muster.client._lockstream import LockStream
@@ -39,7 +40,7 @@ from muster.client._models import (
     NodeStatus,
 )
 from muster.client._retry import call_again
-from muster.client.errors import MusterError, NotFoundError, from_rpc_error
+from muster.client.errors import InvalidArgumentError, MusterError, NotFoundError, from_rpc_error
 
 T = TypeVar("T")
 _TRACER = trace.get_tracer("muster.client")
@@ -63,6 +64,10 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
         self._lock_stream = LockStream(self._locks, config)
         self._keys = Endpoint(config.for_service("keys"), config, keys_service_pb2_grpc.KeysServiceStub)
         self._balancer = Endpoint(config.for_service("balancer"), config, balancer_service_pb2_grpc.BalancerServiceStub)
+        # Open KeepAlives: with more than one, their heartbeats share one stream, several per message.
+        self._keep_alives = 0
+        self._shared_keep_alive: SharedKeepAlive | None = None
+        self._batched_heartbeats = True  # False once a server did not know KeepAliveRequest.heartbeats
 
     @classmethod
     def connect(
@@ -92,6 +97,8 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
     async def close(self) -> None:
         """Closes the channels. Open watches end."""
         await self._lock_stream.close()
+        if self._shared_keep_alive is not None:
+            await self._shared_keep_alive.close()
         await self._registry.close()
         await self._locks.close()
         await self._keys.close()
@@ -191,8 +198,17 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
         return _heartbeat(await self._registry_call("Heartbeat", req))
 
     def keep_alive(self, lease: Lease) -> KeepAlive:
-        """A KeepAlive stream: many heartbeats on one call (see :class:`KeepAlive`)."""
+        """A KeepAlive stream: many heartbeats on one call (see :class:`KeepAlive`).
+
+        While several are open on one Cluster, their heartbeats share one stream and go out several
+        per message (answered once per message, each heartbeat with its own error).
+        """
         return KeepAlive(self, lease)
+
+    def _shared_keep_alives(self) -> SharedKeepAlive:
+        if self._shared_keep_alive is None:
+            self._shared_keep_alive = SharedKeepAlive(self._registry_endpoint())
+        return self._shared_keep_alive
 
     async def leave_node(self, lease: Lease, *, delete: bool = False, wait_for_revision: bool = False) -> int:
         """Stops a node cleanly: OFFLINE, or removed with ``delete``. Returns the revision if asked."""
@@ -355,7 +371,10 @@ class KeepAlive:
     """Heartbeats on one stream: ``await ka.beat(load)`` sends one and waits for its answer.
 
     The stream is opened on first use and re-opened (on another replica if need be) after a
-    transport failure. A stale or expired lease raises StaleLeaseError / LeaseExpiredError.
+    transport failure. A stale or expired lease raises StaleLeaseError / LeaseExpiredError. While
+    more than one KeepAlive is open on the same Cluster, they share one stream and their heartbeats
+    go several per message (see :mod:`muster.client._heartbeats`); a failing heartbeat fails only
+    its own ``beat``.
     """
 
     def __init__(self, cluster: Cluster, lease: Lease) -> None:
@@ -363,6 +382,8 @@ class KeepAlive:
         self._lease = lease
         self._queue: asyncio.Queue[pb.KeepAliveRequest | None] | None = None
         self._call: Any = None
+        self._closed = False
+        cluster._keep_alives += 1
 
     async def _requests(self, queue: asyncio.Queue[pb.KeepAliveRequest | None]) -> AsyncIterator[pb.KeepAliveRequest]:
         while True:
@@ -373,11 +394,47 @@ class KeepAlive:
 
     async def beat(self, load: Load | None = None) -> Heartbeat:
         """Sends one heartbeat and returns its answer (after the server committed it)."""
-        req = pb.KeepAliveRequest(
-            heartbeat=pb.HeartbeatRequest(node_id=self._lease.node_id, lease_id=self._lease.lease_id)
-        )
+        hb = pb.HeartbeatRequest(node_id=self._lease.node_id, lease_id=self._lease.lease_id)
         if load is not None:
-            req.heartbeat.load.CopyFrom(load.to_proto())
+            hb.load.CopyFrom(load.to_proto())
+        cluster = self._cluster
+        if cluster._keep_alives > 1 and cluster._batched_heartbeats:
+            if self._call is not None:
+                self._reset()  # this lease now rides the shared stream
+            try:
+                return await self._beat_shared(hb)
+            except InvalidArgumentError as exc:
+                if exc.field != "heartbeat.node_id":
+                    raise
+                # A server from before KeepAliveRequest.heartbeats read the message as an empty
+                # heartbeat: from now on every lease beats on its own stream.
+                cluster._batched_heartbeats = False
+        return await self._beat_alone(hb)
+
+    async def _beat_shared(self, hb: pb.HeartbeatRequest) -> Heartbeat:
+        attempt = 0
+        config = self._cluster.config
+        while True:
+            shared = self._cluster._shared_keep_alives()
+            try:
+                async with asyncio.timeout(config.deadline.total_seconds()):
+                    return _heartbeat(await shared.submit(hb))
+            except TimeoutError as exc:
+                shared.reset()
+                err: MusterError = from_rpc_error(_Deadline())
+                cause: BaseException = exc
+            except MusterError as exc:
+                err, cause = exc, exc
+            if call_again(err) and attempt + 1 < config.max_attempts:
+                await asyncio.sleep(backoff(attempt, config, err.retry_after))
+                attempt += 1
+                continue
+            if err is cause:
+                raise err
+            raise err from cause
+
+    async def _beat_alone(self, hb: pb.HeartbeatRequest) -> Heartbeat:
+        req = pb.KeepAliveRequest(heartbeat=hb)
         endpoint = self._cluster._registry_endpoint()
         attempt = 0
         while True:
@@ -412,7 +469,10 @@ class KeepAlive:
         self._queue = None
 
     async def close(self) -> None:
-        """Ends the stream."""
+        """Ends the stream (this lease's share of the shared one: nothing to end there)."""
+        if not self._closed:
+            self._closed = True
+            self._cluster._keep_alives -= 1
         if self._queue is not None:
             await self._queue.put(None)
         self._reset()

@@ -100,7 +100,8 @@ class Settings(BaseSettings):
     stream_max_lag: int = Field(10_000, ge=1, description="A watcher this many events behind is cut.")
     stream_write_timeout: timedelta = Field(timedelta(seconds=10), description="A watcher not reading is cut.")
     heartbeat_batch_window: timedelta = Field(
-        timedelta(milliseconds=5), description="Group commit window for heartbeats (at most ~10ms)."
+        timedelta(milliseconds=5),
+        description="Ignored: heartbeats go through the group commit, which has no window (kept so configs load).",
     )
     grace_period: timedelta = Field(timedelta(seconds=10), description="How long shutdown waits for RPCs.")
     pool_min_size: int = Field(2, ge=1)

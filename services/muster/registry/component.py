@@ -1,4 +1,4 @@
-"""Mounts the registry in a server process: servicer, heartbeat batcher, reaper."""
+"""Mounts the registry in a server process: servicer, heartbeat batcher, node view, reaper."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from muster.registry import keycheck
 from muster.registry.heartbeats import HeartbeatBatcher
 from muster.registry.servicer import RegistryServicer
 from muster.registry.store import RegistryStore, Timing
+from muster.registry.view import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,11 @@ class RegistryComponent:
             runtime.bus.numberer,
             Timing(s.heartbeat_interval, s.window, s.lease_ttl, s.max_nodes),
         )
-        self.batcher = HeartbeatBatcher(self.store, s.heartbeat_batch_window)
+        self.view = NodeView(self.store, runtime.bus)
+        # Group commit without a window: heartbeat_batch_window is no longer used.
+        self.batcher = HeartbeatBatcher(self.store, self.view.observe)
         limits = WatchLimits(s.progress_interval, s.stream_max_lag, s.stream_write_timeout)
-        self.servicer = RegistryServicer(self.store, self.batcher, runtime.bus, limits, runtime.streams)
+        self.servicer = RegistryServicer(self.store, self.batcher, runtime.bus, limits, runtime.streams, self.view)
 
     def mount(self, server: grpc.aio.Server) -> list[str]:
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(self.servicer, server)
@@ -49,10 +52,12 @@ class RegistryComponent:
 
     async def start(self) -> None:
         self.servicer.key_checker = self._key_checker()
+        await self.view.start()
         self._runtime.spawn(self._reap(), "muster-reaper")
 
     async def stop(self) -> None:
         await self.batcher.close()
+        await self.view.stop()
         if self.servicer.key_checker is not None:
             await self.servicer.key_checker.close()
 

@@ -6,8 +6,12 @@ process's numbering pass after the commit. Liveness is judged on the database's 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +19,7 @@ import asyncpg
 
 from muster.api.registry.v1 import node_pb2
 from muster.core import clock, events, metrics
+from muster.core.batch import GroupCommit
 from muster.core.db import retry_serialization
 from muster.registry import convert
 from muster.registry.errors import (
@@ -64,15 +69,16 @@ ON CONFLICT (address) DO UPDATE SET
     state_message = EXCLUDED.state_message, state_details = EXCLUDED.state_details
 RETURNING *
 """
+# A HOT update: no indexed column changes (0004 dropped the index on lease_expire_time), and the
+# row is not joined with itself. Rows are updated in node id order (the arrays come sorted).
 HEARTBEAT_BATCH = """
 UPDATE registry.nodes n SET
     last_seen_time = now(), check_in_deadline = now() + $8::interval, lease_expire_time = now() + $9::interval,
     load1 = u.l1, load5 = u.l5, load15 = u.l15, cpu_count = u.cpus, session_count = u.sessions
 FROM unnest($1::bigint[], $2::bigint[], $3::float8[], $4::float8[], $5::float8[], $6::int[], $7::int[])
-    AS u(id, lease_id, l1, l5, l15, cpus, sessions),
-    registry.nodes prev  -- the row as it was: the previous heartbeat's time, for the gap metric
-WHERE n.id = u.id AND prev.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
-RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now, extract(epoch FROM now() - prev.last_seen_time) AS gap
+    AS u(id, lease_id, l1, l5, l15, cpus, sessions)
+WHERE n.id = u.id AND n.lease_id = u.lease_id AND n.state = 2
+RETURNING n.id, n.lease_id, n.lease_expire_time, now() AS now
 """
 NODES_BY_IDS = "SELECT id, lease_id, state, state_reason FROM registry.nodes WHERE id = ANY($1::bigint[])"
 SET_STATE = """
@@ -81,13 +87,35 @@ UPDATE registry.nodes SET state = $2, state_reason = $3, health = 0, state_time 
 WHERE id = $1 RETURNING *
 """
 DELETE_NODE = "DELETE FROM registry.nodes WHERE id = $1 AND state = 4 RETURNING id, address"
-# One statement: the change and its event commit together in a single round trip (the payload,
-# the resulting mode, is known before the statement runs).
-SET_MODE = """
-WITH n AS (UPDATE registry.nodes SET mode = $2 WHERE id = $1 AND mode <> $2 RETURNING *),
-     e AS (SELECT core.append_event($3, n.id, $4) AS append_id FROM n)
-SELECT n.*, e.append_id FROM n, e
+# A batch of mode changes in one statement (one round trip, one commit). The nodes' rows are
+# locked in id order (no deadlock between batches or replicas); the items are then taken in arrival
+# order (`i`): an item changes the mode when it differs from the mode the item before it on the same
+# node left (or the stored one), and each such change appends its event in that order. The row is
+# written once, with the last item's mode. One row per item: the node as stored (NULL id for a
+# missing node), and the append id of the item's event (0 for a no-op).
+SET_MODES = """
+WITH u AS (
+    SELECT * FROM unnest($1::bigint[], $2::smallint[], $3::bytea[]) WITH ORDINALITY AS u(id, mode, payload, i)
+), locked AS (
+    SELECT n.* FROM registry.nodes n WHERE n.id IN (SELECT id FROM u) ORDER BY n.id FOR UPDATE
+), seq AS (
+    SELECT u.i, u.id, u.mode, u.payload, l.mode AS stored,
+           u.mode <> coalesce(lag(u.mode) OVER (PARTITION BY u.id ORDER BY u.i), l.mode) AS changed,
+           row_number() OVER (PARTITION BY u.id ORDER BY u.i DESC) = 1 AS last
+    FROM u JOIN locked l ON l.id = u.id
+), written AS (
+    UPDATE registry.nodes n SET mode = s.mode FROM seq s
+    WHERE n.id = s.id AND s.last AND s.mode <> s.stored
+    RETURNING n.id
+), appended AS (
+    SELECT s.i, core.append_event($4, s.id, s.payload) AS append_id FROM seq s WHERE s.changed ORDER BY s.i
+)
+SELECT l.*, u.i AS item, u.mode AS new_mode, coalesce(a.append_id, 0) AS append_id
+FROM u LEFT JOIN locked l ON l.id = u.id LEFT JOIN appended a ON a.i = u.i
+ORDER BY u.i
 """
+# Revisions of events this process appended and had numbered (a pass that started after their commit).
+REVISIONS_OF = "SELECT append_id, revision FROM core.events WHERE append_id = ANY($1::bigint[])"
 RESET_NODES = "DELETE FROM registry.nodes"
 RESET_CLUSTER = """
 UPDATE registry.cluster SET epoch = epoch + 1, uid = gen_random_uuid(), create_time = now()
@@ -132,6 +160,13 @@ UPDATE registry.nodes SET state = 3, state_reason = 'LEASE_EXPIRED', health = 0,
 WHERE state = 2 AND lease_expire_time < now()
 RETURNING *
 """
+# The node view's refresh of what heartbeats change without events (since a time, or every row).
+LIVE_SINCE = """
+SELECT id, lease_id, last_seen_time, lease_expire_time, load1, load5, load15, cpu_count, session_count,
+       now() AS now
+FROM registry.nodes WHERE $1::timestamptz IS NULL OR last_seen_time >= $1
+"""
+DB_NOW = "SELECT now()"
 STUCK_DELETING = "SELECT id FROM registry.nodes WHERE state = 4 AND state_time < now() - $1::interval"
 
 
@@ -141,6 +176,8 @@ class Written:
 
     node: Node | None
     append_id: int
+    # The numbering pass kicked after the change's commit (its event is numbered once it resolves).
+    numbered: asyncio.Future[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -193,13 +230,42 @@ class RegistryStore:
         self._pool = pool
         self._numberer = numberer
         self.timing = timing
+        self._revisions: GroupCommit[int, int | None] = GroupCommit(
+            self._revisions_of, max_batch=1_000, name="registry-revisions"
+        )
+        # Mode changes: one statement per batch; two in flight (rows are locked in id order).
+        self._modes: GroupCommit[tuple[int, Mode], Written] = GroupCommit(
+            self.set_modes, max_batch=1_000, in_flight=2, name="registry-modes"
+        )
 
-    def _committed(self) -> None:
-        self._numberer.kick()
+    def _committed(self) -> asyncio.Future[int]:
+        return self._numberer.kick()
 
-    async def revision_of(self, append_id: int) -> int:
-        """Waits for the event to be numbered; returns its revision."""
+    async def revision_of(self, append_id: int, numbered: asyncio.Future[int] | None = None) -> int:
+        """Waits for the event to be numbered; returns its revision.
+
+        With ``numbered`` (the pass kicked after the change's commit, :attr:`Written.numbered`) no
+        second pass runs: once that pass is done the event has its revision, looked up in one
+        query shared by every change waiting at the same moment. Without it (or if that pass
+        failed), a pass of its own.
+        """
+        if numbered is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(numbered)
+                revision = await self._revisions(append_id)
+                if revision is not None:
+                    return revision
         return await self._numberer.revision_of(append_id)
+
+    async def number_pending(self) -> int:
+        """Runs (or joins) a numbering pass that starts after this call; returns the head after it."""
+        return await self._numberer.kick()
+
+    async def _revisions_of(self, append_ids: list[int]) -> list[int | None]:
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(REVISIONS_OF, sorted(set(append_ids)))
+        found = {r["append_id"]: r["revision"] for r in rows}
+        return [None if found.get(a) is None else int(found[a]) for a in append_ids]
 
     # -- joins and leases ----------------------------------------------------------------------
 
@@ -277,7 +343,7 @@ class RegistryStore:
 
         written, refused = await retry_serialization(attempt)
         if written.append_id:
-            self._committed()
+            written = dataclasses.replace(written, numbered=self._committed())
             log.info(
                 "node %s joined from %s (%s)",
                 written.node.id,
@@ -291,17 +357,16 @@ class RegistryStore:
             raise NodeLimitReachedError(written.node.id, t.max_nodes)
         return written
 
-    async def heartbeats(
-        self, batch: list[tuple[int, int, Load]]
-    ) -> dict[tuple[int, int], HeartbeatResult | Exception]:
-        """Renews many leases in one statement (group commit); returns a result or error per (node id, lease id).
+    async def heartbeats(self, batch: Sequence[tuple[int, int, Load]]) -> list[HeartbeatResult | Exception]:
+        """Renews many leases in one statement (group commit); returns a result or error per item, in order.
 
         Keyed by the lease too: a stale incarnation's heartbeat in the same batch as the current
-        one's must not decide the current one's answer.
+        one's must not decide the current one's answer. Two heartbeats of one lease in a batch are
+        one renewal (the later load wins) and get the same answer.
         """
         t = self.timing
         latest = {(node_id, lease_id): load for node_id, lease_id, load in batch}
-        keys = list(latest)
+        keys = sorted(latest)
         args = (
             [k[0] for k in keys],
             [k[1] for k in keys],
@@ -320,8 +385,6 @@ class RegistryStore:
 
         rows = await retry_serialization(attempt)
         metrics.heartbeats.add(len(rows))
-        for r in rows:
-            metrics.heartbeat_gap.record(float(r["gap"]))
         out: dict[tuple[int, int], HeartbeatResult | Exception] = {
             (r["id"], r["lease_id"]): HeartbeatResult(r["lease_expire_time"], r["now"]) for r in rows
         }
@@ -337,7 +400,7 @@ class RegistryStore:
                     out[(i, lease_id)] = StaleLeaseError(i, lease_id)
                 else:
                     out[(i, lease_id)] = LeaseExpiredError(i, _state_name(r["state"]), r["state_reason"])
-        return out
+        return [out[(node_id, lease_id)] for node_id, lease_id, _ in batch]
 
     async def leave(self, node_id: int, lease_id: int) -> Written:
         """Sets the node OFFLINE with reason LEFT (a clean stop)."""
@@ -347,9 +410,9 @@ class RegistryStore:
             if row["state"] == State.OFFLINE:
                 return Written(Node.from_row(row), 0)
             append_id, node = await self._set_state(con, row, State.OFFLINE, "LEFT")
-        self._committed()
+        numbered = self._committed()
         log.info("node %s left", node_id, extra={"event": "node_left", "node": node_id})
-        return Written(node, append_id)
+        return Written(node, append_id, numbered)
 
     @staticmethod
     def _check_lease(row: asyncpg.Record | None, node_id: int, lease_id: int) -> None:
@@ -397,23 +460,43 @@ class RegistryStore:
             append_id = await events.append(
                 con, node_pb2.NodeDeleted(node_id=row["id"], address=row["address"]), node_id=row["id"]
             )
-        self._committed()
-        return Written(None, append_id)
+        return Written(None, append_id, self._committed())
+
+    async def set_modes(self, items: Sequence[tuple[int, Mode]]) -> list[Written | Exception]:
+        """Drains or undrains nodes in one statement (group commit); a result or error per item, in order.
+
+        Items are applied in order: each one that changes its node's mode appends one event, a
+        no-op one (the mode already set, by the store or by an earlier item of the batch) none, and
+        a missing node is that item's NodeNotFoundError. Each result's node has the mode the item
+        left; the numbering pass is kicked once for the batch.
+        """
+        kind = events.kind_of(node_pb2.NodeModeChanged())
+        payloads = [node_pb2.NodeModeChanged(node_id=n, mode=int(m)).SerializeToString() for n, m in items]
+
+        async def attempt() -> list[asyncpg.Record]:
+            async with self._pool.acquire() as con:
+                return await con.fetch(SET_MODES, [n for n, _ in items], [int(m) for _, m in items], payloads, kind)
+
+        rows = await retry_serialization(attempt)
+        numbered = self._committed() if any(r["append_id"] for r in rows) else None
+        out: list[Written | Exception] = []
+        for (node_id, mode), r in zip(items, rows, strict=True):
+            if r["id"] is None:
+                out.append(NodeNotFoundError(node_id))
+                continue
+            node = dataclasses.replace(Node.from_row(r), mode=mode)
+            if r["append_id"]:
+                log.info("node %s mode %s", node_id, mode.name, extra={"event": "node_mode", "node": node_id})
+            out.append(Written(node, r["append_id"], numbered if r["append_id"] else None))
+        return out
 
     async def set_mode(self, node_id: int, mode: Mode) -> Written:
-        """Drains or undrains a node; no event when the mode is already set."""
-        payload = node_pb2.NodeModeChanged(node_id=node_id, mode=int(mode))
-        async with self._pool.acquire() as con:
-            row = await con.fetchrow(SET_MODE, node_id, int(mode), events.kind_of(payload), payload.SerializeToString())
-            if row is None:
-                current = await con.fetchrow(NODE_BY_ID, node_id)
-                if current is None:
-                    raise NodeNotFoundError(node_id)
-                return Written(Node.from_row(current), 0)
-        node, append_id = Node.from_row(row), row["append_id"]
-        self._committed()
-        log.info("node %s mode %s", node_id, mode.name, extra={"event": "node_mode", "node": node_id})
-        return Written(node, append_id)
+        """Drains or undrains one node, batched with the changes arriving meanwhile (see :meth:`set_modes`).
+
+        Raises:
+            NodeNotFoundError: no such node.
+        """
+        return await self._modes((node_id, mode))
 
     async def reset(self) -> tuple[Cluster, int, int]:
         """Removes every node and redefines the cluster (new uid, epoch + 1).
@@ -495,6 +578,14 @@ class RegistryStore:
         rows = rows[:limit]
         now = rows[0]["now"] if rows else datetime.now().astimezone()
         return LoadsPage(rows, rows[-1]["id"] if more else None, now)
+
+    async def live_since(self, since: datetime | None) -> tuple[list[asyncpg.Record], datetime]:
+        """What heartbeats change without events (last seen, expiry, load) of the nodes seen since
+        ``since`` (every node for None), and the database's time."""
+        async with self._pool.acquire() as con:
+            rows = await con.fetch(LIVE_SINCE, since)
+            now = rows[0]["now"] if rows else await con.fetchval(DB_NOW)
+        return rows, now
 
     # -- the reaper ----------------------------------------------------------------------------
 

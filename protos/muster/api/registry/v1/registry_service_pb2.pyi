@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from muster.api.errors.v1 import error_reason_pb2 as _error_reason_pb2
 from muster.api.events.v1 import event_pb2 as _event_pb2
 from muster.api.registry.v1 import node_pb2 as _node_pb2
 import builtins as _builtins
@@ -227,23 +228,31 @@ Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
 
 @_typing.final
 class KeepAliveRequest(_message.Message):
-    """One heartbeat on a KeepAlive stream."""
+    """One message on a KeepAlive stream: one heartbeat, or several (set exactly one of the two fields)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    HEARTBEATS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def heartbeat(self) -> Global___HeartbeatRequest:
-        """The heartbeat."""
+        """The heartbeat. A failing one ends the stream with its status."""
+
+    @_builtins.property
+    def heartbeats(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeartbeatRequest]:
+        """Several heartbeats (at most 1,000), renewed in one commit and answered by one response whose
+        `errors` name the ones that failed by index; a failing one does not end the stream.
+        """
 
     def __init__(
         self,
         *,
         heartbeat: Global___HeartbeatRequest | None = ...,
+        heartbeats: _abc.Iterable[Global___HeartbeatRequest] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "heartbeats", b"heartbeats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -251,27 +260,95 @@ Global___KeepAliveRequest: _TypeAlias = KeepAliveRequest  # noqa: Y015
 
 @_typing.final
 class KeepAliveResponse(_message.Message):
-    """The answer to one heartbeat on a KeepAlive stream."""
+    """The answer to one KeepAliveRequest."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def heartbeat(self) -> Global___HeartbeatResponse:
-        """The answer."""
+        """The answer: for `heartbeats`, the renewed leases' expiry (all renewed in the same commit);
+        unset when every one of them failed.
+        """
+
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeartbeatError]:
+        """For a request with `heartbeats`: the ones that failed, by index; every other one was renewed."""
 
     def __init__(
         self,
         *,
         heartbeat: Global___HeartbeatResponse | None = ...,
+        errors: _abc.Iterable[Global___HeartbeatError] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "heartbeat", b"heartbeat"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeepAliveResponse: _TypeAlias = KeepAliveResponse  # noqa: Y015
+
+@_typing.final
+class HeartbeatError(_message.Message):
+    """Why one heartbeat of a KeepAliveRequest's `heartbeats` failed (what its status would have been)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its index in the request's `heartbeats`."""
+    code: _builtins.int
+    """The gRPC status code (google.rpc.Code), e.g. 9 for FAILED_PRECONDITION."""
+    reason: _error_reason_pb2.ErrorReason.ValueType
+    """The reason, as in the status's ErrorInfo."""
+    message: _builtins.str
+    """A short English sentence saying what to do."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The values the message mentions, as in the status's ErrorInfo."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        code: _builtins.int = ...,
+        reason: _error_reason_pb2.ErrorReason.ValueType = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "index", b"index", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatError: _TypeAlias = HeartbeatError  # noqa: Y015
 
 @_typing.final
 class LeaveNodeRequest(_message.Message):

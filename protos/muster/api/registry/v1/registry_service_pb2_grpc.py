@@ -121,7 +121,8 @@ class RegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def KeepAlive(self, request_iterator, context):
-        """Carries a node's heartbeats on one call: one response per request.
+        """Carries heartbeats (of one node or of many) on one call: one response per request. A request
+        with several heartbeats is renewed in one commit and answered by one response.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ class RegistryServiceStub:
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.HeartbeatRequest, _registry_service_pb2.HeartbeatResponse]
     """Renews a node's lease and reports its load. Not an event."""
     KeepAlive: _grpc.StreamStreamMultiCallable[_registry_service_pb2.KeepAliveRequest, _registry_service_pb2.KeepAliveResponse]
-    """Carries a node's heartbeats on one call: one response per request."""
+    """Carries heartbeats (of one node or of many) on one call: one response per request. A request
+    with several heartbeats is renewed in one commit and answered by one response.
+    """
     LeaveNode: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.LeaveNodeRequest, _registry_service_pb2.LeaveNodeResponse]
     """Stops a node cleanly: OFFLINE, or removed when `delete_node` is set."""
     GetNode: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.GetNodeRequest, _registry_service_pb2.GetNodeResponse]
@@ -73,7 +75,9 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     Heartbeat: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.HeartbeatRequest, _registry_service_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Renews a node's lease and reports its load. Not an event."""
     KeepAlive: _aio.StreamStreamMultiCallable[_registry_service_pb2.KeepAliveRequest, _registry_service_pb2.KeepAliveResponse]  # type: ignore[assignment]
-    """Carries a node's heartbeats on one call: one response per request."""
+    """Carries heartbeats (of one node or of many) on one call: one response per request. A request
+    with several heartbeats is renewed in one commit and answered by one response.
+    """
     LeaveNode: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.LeaveNodeRequest, _registry_service_pb2.LeaveNodeResponse]  # type: ignore[assignment]
     """Stops a node cleanly: OFFLINE, or removed when `delete_node` is set."""
     GetNode: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.GetNodeRequest, _registry_service_pb2.GetNodeResponse]  # type: ignore[assignment]
@@ -123,7 +127,9 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_registry_service_pb2.KeepAliveRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_service_pb2.KeepAliveResponse], _abc.AsyncIterator[_registry_service_pb2.KeepAliveResponse]]:
-        """Carries a node's heartbeats on one call: one response per request."""
+        """Carries heartbeats (of one node or of many) on one call: one response per request. A request
+        with several heartbeats is renewed in one commit and answered by one response.
+        """
 
     @_abc_1.abstractmethod
     def LeaveNode(
