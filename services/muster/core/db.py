@@ -62,6 +62,17 @@ async def _keep_session(con: asyncpg.Connection) -> None:
     """
 
 
+async def _open_epoch(con: asyncpg.Connection) -> None:
+    """Every new pooled connection first opens the database's epoch if its timeline is new.
+
+    A primary's timeline never changes under a live connection (a promotion or a restore starts
+    the server anew), so after a failover every connection is new and passes here before any
+    write: nothing is written on a new timeline — no id drawn from a sequence, no revision, no
+    token — before the epoch's jump (core 0003, ``core.epoch_floor()``).
+    """
+    await con.execute("SELECT core.epoch_floor()")
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float, pooled: bool = False) -> asyncpg.Pool:
     """Creates the pool once the database is reachable.
 
@@ -80,6 +91,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int, wait: float, po
         max_size=max_size,
         server_settings={"application_name": SERVER_SETTINGS["application_name"]} if pooled else SERVER_SETTINGS,
         statement_cache_size=0 if pooled else 100,
+        init=_open_epoch,
         max_inactive_connection_lifetime=60,
         reset=_keep_session,
         command_timeout=30,

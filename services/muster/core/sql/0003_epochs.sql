@@ -19,6 +19,13 @@ CREATE TABLE core.epochs (
     start_time timestamptz NOT NULL DEFAULT now()
 );
 
+-- What each service does when an epoch opens (its migration registers a function of no
+-- arguments): state whose meaning was tied to the old primary's last moments goes, before anything
+-- is written on the new timeline.
+CREATE TABLE core.epoch_hooks (
+    fn text PRIMARY KEY
+);
+
 -- The timeline WAL is written on now (only a primary can answer; a standby raises).
 CREATE FUNCTION core.timeline() RETURNS bigint
 LANGUAGE sql VOLATILE AS $$
@@ -39,6 +46,7 @@ DECLARE
     v_seen bigint;
     v_floor bigint;
     v_head bigint;
+    v_hook text;
 BEGIN
     SELECT timeline, epoch_floor INTO v_seen, v_floor FROM core.head WHERE id = 1;
     IF v_seen = v_timeline THEN
@@ -59,6 +67,9 @@ BEGIN
     PERFORM setval(format('%I.%I', s.schemaname, s.sequencename), greatest(coalesce(s.last_value, 0), v_floor))
     FROM pg_sequences s
     WHERE s.schemaname IN (SELECT component FROM core.migrations) AND coalesce(s.last_value, 0) < v_floor;
+    FOR v_hook IN SELECT fn FROM core.epoch_hooks ORDER BY fn LOOP
+        EXECUTE format('SELECT %s()', v_hook);
+    END LOOP;
     RAISE LOG 'muster: timeline % (a failover or a restore): epoch opened at revision %, % survived',
         v_timeline, v_floor, v_head;
     RETURN v_floor;

@@ -17,3 +17,13 @@ BEGIN
     PERFORM locks.granted_event(h);
     RETURN h;
 END $$;
+
+-- A new epoch drops every waiter: a waiter row that survived the failover may belong to a client
+-- that was granted (and moved on) on the old primary, whose grant and the waiter's deletion were
+-- lost; granted again here, it would hold the lock for nobody until its TTL. A client still
+-- waiting finds its waiter gone and asks again (the replica answers it STORE_UNAVAILABLE).
+CREATE FUNCTION locks.on_new_epoch() RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM locks.waiters
+$$;
+INSERT INTO core.epoch_hooks (fn) VALUES ('locks.on_new_epoch');
