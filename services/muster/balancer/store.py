@@ -269,12 +269,13 @@ class BalancerStore:
         ids = sorted({n.id for a in asks for n in a.split.candidates})
         async with self._pool.acquire() as con:
             read = await con.fetchrow(PLACEMENT_INPUTS, ids, rids)
-            for _ in range(OPTIMISTIC_ATTEMPTS):
+            for attempt in range(OPTIMISTIC_ATTEMPTS):
                 plan = await self._plan(con, asks, key, ids, read)
                 if not plan.placing:
                     return plan.out
                 row = await retry_serialization(lambda plan=plan: con.fetchrow(PLACE, *plan.args))
                 if row["placed"]:
+                    metrics.placement_batches.add(1, {"attempt": "again" if attempt else "first"})
                     return self._placed(plan, row)
                 read = row  # another batch got there first: decide again on what it left
             log.debug("a placement batch lost %d races; deciding it under the lock", OPTIMISTIC_ATTEMPTS)
@@ -291,7 +292,10 @@ class BalancerStore:
                     return plan, row
 
             plan, row = await retry_serialization(locked)
-            return plan.out if row is None else self._placed(plan, row)
+            if row is None:
+                return plan.out
+            metrics.placement_batches.add(1, {"attempt": "locked"})
+            return self._placed(plan, row)
 
     def _placed(self, plan: _Plan, row: asyncpg.Record) -> list[Placed | Exception]:
         self._numberer.numbered(row["head"])
