@@ -39,10 +39,10 @@ _NODE_STATE = node_pb2.NodeStateChanged.DESCRIPTOR.full_name
 _NODE_DELETED = node_pb2.NodeDeleted.DESCRIPTOR.full_name
 _STRATEGY_CHANGED = balancer_pb2.StrategyChanged.DESCRIPTOR.full_name
 SWEEP_INTERVAL = 2.0
-# Two batches in flight: one's decisions overlap the other's statement; they serialize on the
-# placement lock only inside that statement.
+# One batch in flight: the next is decided on the counts the last one left (no read), which a
+# second batch in flight would not yet see (its statement would find the counts changed).
 PLACE_BATCH = 500
-PLACE_IN_FLIGHT = 2
+PLACE_IN_FLIGHT = 1
 
 
 class BalancerComponent:

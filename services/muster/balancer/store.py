@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -173,6 +174,7 @@ class _Plan:
     out: list[Placed | Exception]
     args: list[object]
     placing: bool  # something to write
+    after: dict[int, Counts]  # the candidates' counts once it is written
 
 
 @dataclass
@@ -216,6 +218,41 @@ class BalancerStore:
     def __init__(self, pool: asyncpg.Pool, numberer: events.Numberer) -> None:
         self._pool = pool
         self._numberer = numberer
+        # What the last placement statement left: the candidates' counts and the strategy (a batch
+        # is decided on them without reading; balancer.place checks them under the lock), and the
+        # database's clock against this process's monotonic one (for the place time).
+        self._known: dict[int, Counts] = {}
+        self._known_strategy = ""
+        self._clock: tuple[datetime, float] | None = None
+
+    def _forget_counts(self) -> None:
+        """Counts changed outside a placement batch: the next batch reads them."""
+        self._known.clear()
+
+    def _inputs(self, ids: list[int]) -> dict[str, object] | None:
+        """The last statement's counts as a read of PLACEMENT_INPUTS, if they cover ``ids``."""
+        known, none = self._known, Counts()
+        if self._clock is None or not self._known_strategy or any(i not in known for i in ids):
+            return None
+        at, mono = self._clock
+        counts = [known.get(i, none) for i in ids]
+        return {
+            "strategy": self._known_strategy,
+            "now": at + timedelta(seconds=time.monotonic() - mono),
+            "ids": ids,
+            "n": [c.sessions for c in counts],
+            "pl": [c.placed for c in counts],
+            "retried": False,  # balancer.place finds out
+        }
+
+    def _learn(self, ids: list[int], read: asyncpg.Record | dict[str, object], after: dict[int, Counts] | None) -> None:
+        self._clock = (read["now"], time.monotonic())  # type: ignore[assignment]
+        self._known_strategy = str(read["strategy"])
+        if after is not None:
+            self._known.update(after)
+        else:
+            fresh = {i: Counts(n, pl) for i, n, pl in zip(*(read[k] or [] for k in ("ids", "n", "pl")), strict=True)}  # type: ignore[call-overload]
+            self._known.update({i: fresh.get(i, Counts()) for i in ids})
 
     async def revision_of(self, append_id: int) -> int:
         """Waits until the event is numbered; returns its revision."""
@@ -234,6 +271,7 @@ class BalancerStore:
             previous = str(await con.fetchval(LOCK_SETTINGS))
             await con.execute(SET_STRATEGY, name)
             append_id = await events.append(con, balancer_pb2.StrategyChanged(strategy=name))
+        self._known_strategy = ""
         self._numberer.kick()
         log.info("placement strategy %s (was %s)", name, previous, extra={"event": "strategy_changed"})
         return previous, append_id
@@ -268,7 +306,10 @@ class BalancerStore:
         rids = [a.request_id for a in asks if a.request_id]
         ids = sorted({n.id for a in asks for n in a.split.candidates})
         async with self._pool.acquire() as con:
-            read = await con.fetchrow(PLACEMENT_INPUTS, ids, rids)
+            read = self._inputs(ids)
+            if read is None:
+                read = await con.fetchrow(PLACEMENT_INPUTS, ids, rids)
+                self._learn(ids, read, None)
             for attempt in range(OPTIMISTIC_ATTEMPTS):
                 plan = await self._plan(con, asks, key, ids, read)
                 if not plan.placing:
@@ -276,8 +317,12 @@ class BalancerStore:
                 row = await retry_serialization(lambda plan=plan: con.fetchrow(PLACE, *plan.args))
                 if row["placed"]:
                     metrics.placement_batches.add(1, {"attempt": "again" if attempt else "first"})
+                    self._learn(ids, row, plan.after)
                     return self._placed(plan, row)
-                read = row  # another batch got there first: decide again on what it left
+                # Another batch (another replica's, or a report) got there first: decide again on
+                # what the statement saw under the lock.
+                self._learn(ids, row, None)
+                read = row
             log.debug("a placement batch lost %d races; deciding it under the lock", OPTIMISTIC_ATTEMPTS)
 
             async def locked() -> tuple[_Plan, asyncpg.Record | None]:
@@ -295,6 +340,7 @@ class BalancerStore:
             if row is None:
                 return plan.out
             metrics.placement_batches.add(1, {"attempt": "locked"})
+            self._learn(ids, row, plan.after)
             return self._placed(plan, row)
 
     def _placed(self, plan: _Plan, row: asyncpg.Record) -> list[Placed | Exception]:
@@ -306,7 +352,12 @@ class BalancerStore:
         return plan.out
 
     async def _plan(
-        self, con: asyncpg.Connection, asks: list[Ask], key: bytes, ids: list[int], read: asyncpg.Record
+        self,
+        con: asyncpg.Connection,
+        asks: list[Ask],
+        key: bytes,
+        ids: list[int],
+        read: asyncpg.Record | dict[str, object],
     ) -> _Plan:
         """Decides a batch (pure, but for reading the sessions of retried request ids)."""
         strategy, now = str(read["strategy"]), read["now"]
@@ -374,7 +425,7 @@ class BalancerStore:
             [delta[i] for i in c_ids],
             payloads,
         ]
-        return _Plan(out, args, bool(payloads))
+        return _Plan(out, args, bool(payloads), {i: counts.get(i, none) for i in ids})
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -418,6 +469,7 @@ class BalancerStore:
                     placed[before.node_id] -= 1
                 await con.execute(ADD_COUNTS, *_count_args(moves, placed))
             await events.append(con, balancer_pb2.SessionStarted(session=session_to_proto(session)), node_id=node.id)
+        self._forget_counts()
         self._numberer.kick()
         return session
 
@@ -432,6 +484,7 @@ class BalancerStore:
             await events.append(
                 con, balancer_pb2.SessionEnded(session_id=s.id, node_id=s.node_id, reason=reason), node_id=s.node_id
             )
+        self._forget_counts()
         self._numberer.kick()
         return s
 
@@ -563,6 +616,7 @@ class BalancerStore:
             if n <= 0:
                 break
             moved += n
+            self._forget_counts()
             self._numberer.kick()
         if moved:
             metrics.sessions_moved.add(moved)
@@ -593,6 +647,7 @@ class BalancerStore:
                     for r in rows
                 ],
             )
+        self._forget_counts()
         self._numberer.kick()
         return len(rows)
 
