@@ -10,6 +10,7 @@ same custom-strategy fallback.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from muster.balancer.errors import NoEligibleNodeError
 from muster.balancer.models import BRIEF_CANDIDATES, Counts, Decision, NodeInfo, rank
@@ -24,14 +25,16 @@ def is_capped(candidates: Sequence[NodeInfo]) -> bool:
 
 class Split:
     """The candidates for one label requirement and the excluded nodes with their reasons (shared:
-    callers must not modify the lists)."""
+    callers must not modify the lists). ``memo`` keeps what callers derive from it, for as long as
+    the split is current."""
 
-    __slots__ = ("candidates", "capped", "excluded")
+    __slots__ = ("candidates", "capped", "excluded", "memo")
 
     def __init__(self, candidates: list[NodeInfo], excluded: list[tuple[NodeInfo, str]]) -> None:
         self.candidates = candidates
         self.excluded = excluded
         self.capped = is_capped(candidates)
+        self.memo: dict[str, Any] = {}
 
 
 def decide(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -10,7 +10,7 @@ import grpc
 
 from muster.api.balancer.v1 import balancer_pb2, balancer_service_pb2_grpc
 from muster.api.balancer.v1 import balancer_service_pb2 as pb
-from muster.balancer.decide import decide
+from muster.balancer.decide import Split, decide
 from muster.balancer.errors import (
     ForgedSessionIdError,
     NoEligibleNodeError,
@@ -80,6 +80,24 @@ def _candidates(decision: Decision, everyone: bool) -> list[balancer_pb2.Candida
         )
         for s in scored
     ]
+
+
+def _with_excluded(split: Split, decision: Decision) -> pb.PlaceSessionResponse:
+    """A response holding the decision's excluded nodes. Those of the split (no node found full) are
+    built once per split and copied: with 10,000 nodes, a label requirement excludes thousands."""
+    resp = pb.PlaceSessionResponse()
+    if decision.excluded and len(decision.excluded) == len(split.excluded):
+        template = split.memo.get("excluded")
+        if template is None:
+            template = split.memo["excluded"] = pb.PlaceSessionResponse(excluded=_excluded(split.excluded))
+        resp.CopyFrom(template)
+    elif decision.excluded:
+        resp.excluded.extend(_excluded(decision.excluded))
+    return resp
+
+
+def _excluded(excluded: Sequence[tuple[NodeInfo, str]]) -> list[balancer_pb2.Excluded]:
+    return [balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in excluded]
 
 
 class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
@@ -183,15 +201,15 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         telemetry.annotate(strategy=decision.strategy, node_id=session.node_id, candidates=decision.candidates)
         if self._diagnostics is not None and placed_decision(decision):
             self._diagnostics.record(user, kind, labels, decision, session.id, request.dry_run)
-        return pb.PlaceSessionResponse(
-            session=session,
-            strategy=decision.strategy,
-            candidates=_candidates(decision, request.all_candidates),
-            candidate_count=decision.candidates,
-            excluded=[balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in decision.excluded],
-            fallback=decision.fallback,
-            revision=await self._store.revision_of(append_id) if request.wait_for_revision and append_id else 0,
-        )
+        resp = _with_excluded(split, decision)
+        resp.session.CopyFrom(session)
+        resp.strategy = decision.strategy
+        resp.candidates.extend(_candidates(decision, request.all_candidates))
+        resp.candidate_count = decision.candidates
+        resp.fallback = decision.fallback
+        if request.wait_for_revision and append_id:
+            resp.revision = await self._store.revision_of(append_id)
+        return resp
 
     @translate_errors
     async def ReportSession(
