@@ -8,9 +8,12 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -30,8 +33,15 @@ ALL = ["registry,keys,balancer"]
 
 
 @contextlib.contextmanager
-def control_planes(database_url: str, n: int, env: dict[str, str]):
-    procs = [ServerProcess(database_url, ALL, env=env) for _ in range(n)]
+def control_planes(database_url: str, n: int, env: dict[str, str], metrics_ports: list[int] | None = None):
+    procs = [
+        ServerProcess(
+            database_url,
+            ALL,
+            env={**env, "MUSTER_METRICS_LISTEN": f"127.0.0.1:{metrics_ports[i]}"} if metrics_ports else env,
+        )
+        for i in range(n)
+    ]
     try:
         for p in procs:
             p.start()
@@ -39,6 +49,27 @@ def control_planes(database_url: str, n: int, env: dict[str, str]):
     finally:
         for p in procs:
             p.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _placement_batches(port: int) -> dict[str, float]:
+    """A replica's ``muster_placement_batches_total`` by attempt (first, again, locked)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'muster_placement_batches_total\{.*attempt="(\w+)".*\} (\S+)$', line)
+        if m:
+            out[m[1]] = out.get(m[1], 0.0) + float(m[2])
+    return out
+
+
+async def _batches(ports: list[int]) -> list[dict[str, float]]:
+    return [await asyncio.to_thread(_placement_batches, p) for p in ports]
 
 
 async def _ready(c: Cluster, online: int, timeout: float = 15.0) -> None:
@@ -62,7 +93,8 @@ async def _join(c: Cluster, count: int, **labels: str) -> list[int]:
 
 
 async def test_a_thousand_concurrent_placements_over_five_nodes_differ_by_at_most_one(database_url: str) -> None:
-    with control_planes(database_url, 2, CALM) as (a, b):
+    ports = [_free_port(), _free_port()]
+    with control_planes(database_url, 2, CALM, ports) as (a, b):
         async with Cluster.connect(a.address) as ca, Cluster.connect(b.address) as cb:
             nodes = await _join(ca, 5)
             await _ready(ca, 5)
@@ -76,6 +108,11 @@ async def test_a_thousand_concurrent_placements_over_five_nodes_differ_by_at_mos
             ids = await asyncio.wait_for(asyncio.gather(*(place(i) for i in range(1000))), 120)
             assert len(set(ids)) == 1000
             sessions = await ca.list_sessions()
+            batches = await _batches(ports)
+    # They went in batches (fewer writes than placements), on both replicas, racing each other (a
+    # batch decided on counts the other replica's batch changed first was decided again).
+    assert all(batches) and sum(sum(b.values()) for b in batches) < 1000, batches
+    assert sum(b.get("again", 0) + b.get("locked", 0) for b in batches) > 0, batches
     per_node = Counter(s.node_id for s in sessions)
     assert len(sessions) == 1000 and set(per_node) == set(nodes)
     assert max(per_node.values()) - min(per_node.values()) <= 1, per_node
@@ -366,6 +403,36 @@ async def test_an_answer_lists_the_ten_best_candidates_unless_all_are_asked_for(
     assert full.candidate_count == 12 and len(full.candidates) == 12
 
 
+async def test_a_dry_run_answers_what_the_placement_then_does(database_url: str) -> None:
+    """A dry run decides with the same function as the reservation, on the same counts: the same
+    node, the same ten best candidates with their scores, the same count and the same exclusions —
+    nodes that became full included — under each strategy."""
+    cap = {"muster.io/max-sessions": "2"}
+    with control_planes(database_url, 1, CALM) as (server,):
+        async with Cluster.connect(server.address) as c:
+            for i in range(3):
+                await c.join_node(f"dry-cap{i}-{time.monotonic_ns()}.test", 8787, labels=cap)
+            await _join(c, 10)
+            await _ready(c, 13)
+            seen_full = False
+            for strategy in ("sessions", "user-hash", "system-load"):
+                await c.set_strategy(strategy)
+                await asyncio.sleep(1.2)  # past the strategy cache on any replica
+                for i in range(12):
+                    user = f"{strategy}-{i}"
+                    dry = await c.place_session(user, dry_run=True)
+                    real = await c.place_session(user)
+                    assert (dry.strategy, dry.node_id, dry.candidate_count) == (
+                        real.strategy,
+                        real.node_id,
+                        real.candidate_count,
+                    )
+                    assert dry.candidates == real.candidates and len(real.candidates) == 10
+                    assert dry.excluded == real.excluded
+                    seen_full = seen_full or any(e.reason == "full" for e in real.excluded)
+            assert seen_full  # the capped nodes filled up on the way
+
+
 async def test_a_replica_resumed_from_a_pause_places_from_a_view_read_again(database_url: str) -> None:
     """A replica stopped while a node went OFFLINE must not place onto it from the view it had
     before the pause: the change reaches its view only after it ran again (found by the chaos checker)."""
@@ -413,7 +480,8 @@ async def test_a_node_never_takes_more_sessions_than_its_capacity(database_url: 
     ten each — exactly thirty land, ten per node, the rest are refused naming the full nodes; a dead
     node's sessions move only into room that frees up."""
     cap = {"muster.io/max-sessions": "10"}
-    with control_planes(database_url, 2, CALM) as (a, b):
+    ports = [_free_port(), _free_port()]
+    with control_planes(database_url, 2, CALM, ports) as (a, b):
         async with Cluster.connect(a.address) as ca, Cluster.connect(b.address) as cb:
             nodes = [await ca.join_node(f"cap{i}-{time.monotonic_ns()}.test", 8787, labels=cap) for i in range(3)]
             await _ready(ca, 3)
@@ -431,6 +499,8 @@ async def test_a_node_never_takes_more_sessions_than_its_capacity(database_url: 
             assert len(placed) == 30 and len(refused) == 30
             assert Counter(placed) == {n.node_id: 10 for n in nodes}
             assert all(f"node {n.node_id}" in str(refused[0]) for n in nodes) and "full" in str(refused[0])
+            batches = await _batches(ports)
+            assert sum(sum(b.values()) for b in batches) < len(placed), batches  # batch-mates, some refused
             with pytest.raises(E.NoEligibleNodeError):
                 await ca.place_session("dry", dry_run=True)
 

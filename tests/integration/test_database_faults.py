@@ -216,6 +216,7 @@ async def test_ten_migrate_processes_at_once_migrate_an_empty_database_exactly_o
                 ("locks", 4),
                 ("keys", 1),
                 ("balancer", 1),
+                ("balancer", 2),
             }
             assert all(r["n"] == 1 for r in rows)
         finally:

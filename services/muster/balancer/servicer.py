@@ -1,7 +1,8 @@
-"""BalancerService: validates input, decides with the component's view, reserves through the store."""
+"""BalancerService: validates input, decides from the node view, reserves through the placement batcher."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,7 @@ import grpc
 
 from muster.api.balancer.v1 import balancer_pb2, balancer_service_pb2_grpc
 from muster.api.balancer.v1 import balancer_service_pb2 as pb
+from muster.balancer.decide import Split, decide
 from muster.balancer.errors import (
     ForgedSessionIdError,
     NoEligibleNodeError,
@@ -19,23 +21,23 @@ from muster.balancer.errors import (
 from muster.balancer.models import (
     BRIEF_CANDIDATES,
     STRATEGIES,
-    Counts,
     Decision,
     NodeInfo,
     Session,
     SessionState,
     new_session_id,
     node_of_route,
-    rank,
     route_of,
     verify_session_id,
 )
-from muster.balancer.store import Ask, session_to_proto
+from muster.balancer.store import Ask, Placed, session_to_proto
 from muster.core import metrics, telemetry, validate
 from muster.core.errors import InvalidArgumentError, translate_errors
 
 if TYPE_CHECKING:
-    from muster.balancer.component import BalancerComponent
+    from muster.balancer.custom import CustomStrategy, Diagnostics
+    from muster.balancer.store import BalancerStore
+    from muster.balancer.view import NodeView, RouteKeys, StrategyCache
 
 MAX_USER = 256
 MAX_KIND = 64
@@ -80,16 +82,55 @@ def _candidates(decision: Decision, everyone: bool) -> list[balancer_pb2.Candida
     ]
 
 
+def _with_excluded(split: Split, decision: Decision) -> pb.PlaceSessionResponse:
+    """A response holding the decision's excluded nodes. Those of the split (no node found full) are
+    built once per split and copied: with 10,000 nodes, a label requirement excludes thousands."""
+    resp = pb.PlaceSessionResponse()
+    if decision.excluded and len(decision.excluded) == len(split.excluded):
+        template = split.memo.get("excluded")
+        if template is None:
+            template = split.memo["excluded"] = pb.PlaceSessionResponse(excluded=_excluded(split.excluded))
+        resp.CopyFrom(template)
+    elif decision.excluded:
+        resp.excluded.extend(_excluded(decision.excluded))
+    return resp
+
+
+def _excluded(excluded: Sequence[tuple[NodeInfo, str]]) -> list[balancer_pb2.Excluded]:
+    return [balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in excluded]
+
+
 class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
-    """The balancer's RPCs."""
+    """The balancer's RPCs.
 
-    def __init__(self, component: BalancerComponent) -> None:
-        self._c = component
+    Args:
+        store: the balancer's tables.
+        view: the live node view.
+        strategy: the cached strategy.
+        keys: the route-signing keys.
+        place: the batcher of reserving placements (``store.reserve`` behind a ``GroupCommit``).
+        custom: the custom strategy, if configured.
+        diagnostics: the decisions log, if configured.
+    """
 
-    def _nodes(self) -> list[NodeInfo]:
-        if not self._c.ready:
-            raise ViewNotReadyError()
-        return self._c.nodes()
+    def __init__(
+        self,
+        store: BalancerStore,
+        view: NodeView,
+        strategy: StrategyCache,
+        keys: RouteKeys,
+        place: Callable[[Ask], Awaitable[Placed]],
+        *,
+        custom: CustomStrategy | None = None,
+        diagnostics: Diagnostics | None = None,
+    ) -> None:
+        self._store = store
+        self._view = view
+        self._strategy = strategy
+        self._keys = keys
+        self._place = place
+        self._custom = custom
+        self._diagnostics = diagnostics
 
     @translate_errors
     async def PlaceSession(
@@ -99,75 +140,76 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         kind = _text("kind", request.kind, maximum=MAX_KIND, required=False)
         labels = validate.labels("labels", request.labels)
         request_id = validate.request_id("request_id", request.request_id)
-        c = self._c
-        strategy = await c.strategy()
+        strategy = await self._strategy.get()
         if strategy == "system-load":
-            await c.fresh_loads(wait=False)
-        if not c.ready:
+            await self._view.fresh_loads(wait=False)
+        if not self._view.ready:
             raise ViewNotReadyError()
-        candidates, excluded = await c.current_split(labels)
-        if not candidates:
-            raise NoEligibleNodeError([(n.id, n.address, r) for n, r in excluded], labels)
-        await c.route_keys()
+        split = await self._view.current_split(labels)
+        if not split.candidates:
+            raise NoEligibleNodeError([(n.id, n.address, r) for n, r in split.excluded], labels)
+        await self._keys.get()
         forced, fallback = None, ""
         if strategy == "custom":
-            if c.custom is None:
+            if self._custom is None:
                 fallback = "the custom strategy is not configured on this replica (balancer_custom)"
             else:
-                counts = await c.store.counts([n.id for n in candidates])
-                forced, fallback = await c.custom.choose(user, kind, labels, candidates, counts)
+                counts = await self._store.counts([n.id for n in split.candidates])
+                forced, fallback = await self._custom.choose(user, kind, labels, split.candidates, counts)
+        everyone = request.all_candidates or self._diagnostics is not None
+        append_id = 0
         if request.dry_run:
-            counts = await c.store.counts([n.id for n in candidates])
-            full = [(n, "full") for n in candidates if not n.has_room(counts.get(n.id, Counts()))]
-            if full:
-                excluded = sorted([*excluded, *full], key=lambda e: e[0].id)
-                candidates = [n for n in candidates if n.has_room(counts.get(n.id, Counts()))]
-                if not candidates:
-                    raise NoEligibleNodeError([(n.id, n.address, r) for n, r in excluded], labels)
-                if forced is not None and forced not in candidates:
-                    forced, fallback = None, f"the custom strategy chose node {forced.id}, which is full"
-            used = strategy if strategy != "custom" else "sessions"
-            ranked = rank(used, user, candidates, counts)
-            winner = forced or ranked[0].node
-            name = strategy if strategy != "custom" or forced is not None else "sessions"
-            decision = Decision(winner, tuple(ranked), tuple(excluded), name, fallback)
-            session = Session(
-                new_session_id(c.signing_key(), winner.route),
-                winner.id,
-                winner.address,
-                winner.route,
+            # The same decision a reservation makes, on counts read without the lock.
+            counts = await self._store.counts([n.id for n in split.candidates])
+            decision = decide(
+                strategy,
                 user,
-                kind,
-                SessionState.PLACED,
-                0,
-                datetime.now().astimezone(),
-                None,
+                split.candidates,
+                counts,
+                excluded=split.excluded,
+                forced=forced,
+                fallback=fallback,
+                limit=None if everyone else BRIEF_CANDIDATES,
+                capped=split.capped,
+                labels=labels,
             )
-            append_id = 0
+            winner = decision.winner
+            session = session_to_proto(
+                Session(
+                    new_session_id(self._keys.signing_key(), winner.route),
+                    winner.id,
+                    winner.address,
+                    winner.route,
+                    user,
+                    kind,
+                    SessionState.PLACED,
+                    0,
+                    datetime.now().astimezone(),
+                    None,
+                )
+            )
         else:
-            everyone = request.all_candidates or c.diagnostics is not None
-            placed = await c.placer.place(
-                Ask(user, kind, request_id, candidates, excluded, forced, fallback, everyone=everyone, labels=labels)
+            placed = await self._place(
+                Ask(user, kind, request_id, split, forced, fallback, everyone=everyone, labels=labels)
             )
-            session, append_id = placed.session, placed.append_id
-            assert session is not None  # a refusal was raised by the placer
+            session, append_id = placed.message, placed.append_id
             if placed.decision is not None:
                 metrics.placements.add(1, {"strategy": placed.decision.strategy})
             decision = placed.decision or Decision(
-                next((n for n in candidates if n.id == session.node_id), candidates[0]), (), (), strategy
+                next((n for n in split.candidates if n.id == session.node_id), split.candidates[0]), (), (), strategy
             )
         telemetry.annotate(strategy=decision.strategy, node_id=session.node_id, candidates=decision.candidates)
-        if c.diagnostics is not None and placed_decision(decision):
-            c.diagnostics.record(user, kind, labels, decision, session.id, request.dry_run)
-        return pb.PlaceSessionResponse(
-            session=session_to_proto(session),
-            strategy=decision.strategy,
-            candidates=_candidates(decision, request.all_candidates),
-            candidate_count=decision.candidates,
-            excluded=[balancer_pb2.Excluded(node_id=n.id, address=n.address, reason=r) for n, r in decision.excluded],
-            fallback=decision.fallback,
-            revision=await c.store.revision_of(append_id) if request.wait_for_revision and append_id else 0,
-        )
+        if self._diagnostics is not None and placed_decision(decision):
+            self._diagnostics.record(user, kind, labels, decision, session.id, request.dry_run)
+        resp = _with_excluded(split, decision)
+        resp.session.CopyFrom(session)
+        resp.strategy = decision.strategy
+        resp.candidates.extend(_candidates(decision, request.all_candidates))
+        resp.candidate_count = decision.candidates
+        resp.fallback = decision.fallback
+        if request.wait_for_revision and append_id:
+            resp.revision = await self._store.revision_of(append_id)
+        return resp
 
     @translate_errors
     async def ReportSession(
@@ -176,17 +218,17 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         node_id = validate.positive_id("node_id", request.node_id)
         session_id = _session_id("session_id", request.session_id)
         if request.kind == pb.ReportSessionRequest.KIND_ENDED:
-            await self._c.store.ended(node_id, session_id)
+            await self._store.ended(node_id, session_id)
             return pb.ReportSessionResponse()
         if request.kind != pb.ReportSessionRequest.KIND_STARTED:
             raise InvalidArgumentError("kind", "must be KIND_STARTED or KIND_ENDED")
         pid = validate.integer("pid", request.pid, low=0, high=2**31 - 1)
         user = _text("user", request.user, maximum=MAX_USER, required=False)
         kind = _text("session_kind", request.session_kind, maximum=MAX_KIND, required=False)
-        node = next((n for n in self._nodes() if n.id == node_id), None)
+        node = next((n for n in self._view.nodes() if n.id == node_id), None)
         if node is None:
             node = NodeInfo(node_id, "", "ONLINE")  # joined a moment ago: the view will catch up
-        session = await self._c.store.started(node, session_id, pid, user, kind)
+        session = await self._store.started(node, session_id, pid, user, kind)
         return pb.ReportSessionResponse(session=session_to_proto(session))
 
     @translate_errors
@@ -200,7 +242,7 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         if token:
             last_id = _token_id(request.page_token)
             after = (token["node"], datetime.fromtimestamp(token["t"] / 1e6, UTC), last_id)
-        sessions, now = await self._c.store.list_sessions(node_id, after, size + 1)
+        sessions, now = await self._store.list_sessions(node_id, after, size + 1)
         resp = pb.ListSessionsResponse(sessions=[session_to_proto(s) for s in sessions[:size]])
         if len(sessions) > size:
             last = sessions[size - 1]
@@ -215,13 +257,13 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         self, request: pb.RouteSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.RouteSessionResponse:
         session_id = _session_id("session_id", request.session_id)
-        found = await self._c.store.route(session_id)
+        found = await self._store.route(session_id)
         if found is not None and not found[1] and node_of_route(session_id.rpartition(".")[2]) is None:
             # A session its node reported under the application's own id (no route to check).
             return pb.RouteSessionResponse(session=session_to_proto(found[0]), moved=False)
-        keys = [k for _, _, k in await self._c.route_keys()]
+        keys = [k for _, _, k in await self._keys.get()]
         if not verify_session_id(keys, session_id):
-            keys = [k for _, _, k in await self._c.route_keys(refresh=True)]
+            keys = [k for _, _, k in await self._keys.get(refresh=True)]
             if not verify_session_id(keys, session_id):
                 raise ForgedSessionIdError(session_id)
         if found is None:
@@ -231,13 +273,13 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
 
     @translate_errors
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
-        await self._c.fresh_loads(wait=True)
-        nodes = self._nodes()
-        sessions, now = await self._c.store.all_sessions()
+        await self._view.fresh_loads(wait=True)
+        nodes = self._view.nodes()
+        sessions, now = await self._store.all_sessions()
         by_node: dict[int, list[Session]] = {}
         for s in sessions:
             by_node.setdefault(s.node_id, []).append(s)
-        resp = pb.GetStatusResponse(strategy=await self._c.strategy())
+        resp = pb.GetStatusResponse(strategy=await self._strategy.get())
         for n in sorted(nodes, key=lambda n: (n.state != "ONLINE", n.id)):
             resp.nodes.add(
                 node_id=n.id,
@@ -263,10 +305,10 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         name = request.strategy
         if name not in STRATEGIES:
             raise InvalidArgumentError("strategy", f"must be one of {', '.join(STRATEGIES)}")
-        if name == "custom" and self._c.custom is None:
+        if name == "custom" and self._custom is None:
             raise StrategyUnavailableError()
-        previous, append_id = await self._c.store.set_strategy(name)
-        return pb.SetStrategyResponse(previous=previous, revision=await self._c.store.revision_of(append_id))
+        previous, append_id = await self._store.set_strategy(name)
+        return pb.SetStrategyResponse(previous=previous, revision=await self._store.revision_of(append_id))
 
 
 def _token_id(token: str) -> str:

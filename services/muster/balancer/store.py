@@ -1,11 +1,13 @@
 """Every SQL statement of the balancer, behind named async methods.
 
-**Placements** are decided inside the transaction that reserves them, under the placement lock
-(the ``balancer.settings`` row, FOR UPDATE): the decision reads the per-node counts, and the
-reservation updates them, before any other placement — on any replica — can read them. A burst
-therefore spreads exactly (1,000 placements over 5 equal nodes: 200 each). Placements arriving
-together are decided and reserved in one transaction (group commit, like heartbeats), so the lock is
-taken once per batch, not once per placement.
+**Placements** arrive in batches (``core.batch.GroupCommit``) and are decided by
+:func:`muster.balancer.decide.decide` on the per-node counts; the statement that reserves them
+(``balancer.place``) first takes the placement lock (the ``balancer.settings`` row, FOR UPDATE) and
+writes only if the counts the batch was decided on still hold — so every decision is the one it
+would have been under the lock, and no other placement, on any replica, can slip between a
+decision and its reservation. A burst therefore spreads exactly (1,000 placements over 5 equal
+nodes: 200 each) and no node passes its capacity. A batch costs two round trips and one commit
+(its events appended in one statement and numbered in it) while no other batch interferes.
 
 **Moves** (a node's lease expired, or it left) run in batches under the same lock: each batch
 selects the node's sessions FOR UPDATE, re-places each by the strategy, deletes the old rows and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from muster.api.balancer.v1 import balancer_pb2
+from muster.balancer.decide import Split, decide, is_capped, reserve_in
 from muster.balancer.errors import NoEligibleNodeError, SessionNotFoundError
 from muster.balancer.models import (
     BRIEF_CANDIDATES,
@@ -35,7 +39,6 @@ from muster.balancer.models import (
     Session,
     SessionState,
     new_session_id,
-    rank,
 )
 from muster.core import events, metrics
 from muster.core.db import retry_serialization
@@ -58,23 +61,22 @@ FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::te
      AS u(id, node_id, address, route, user_name, kind, state, pid, request_id, place_time, start_time, moved_from)
 RETURNING *
 """
-# The placement lock, and then what a batch's decisions need, in one round trip (see the SQL function).
 PLACEMENT_LOCK = "SELECT * FROM balancer.lock_for_placement($1::bigint[], $2::text[])"
-# The sessions, the counts and the events of a batch, in one statement.
-PLACE = """
-WITH ins AS (
-    INSERT INTO balancer.sessions (id, node_id, node_address, route, user_name, kind, state, pid, request_id,
-                                   place_time, start_time, moved_from)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::smallint[],
-                         $8::int[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[])
-), cnt AS (
-    INSERT INTO balancer.node_counts AS c (node_id, sessions, placed)
-    SELECT * FROM unnest($13::bigint[], $14::int[], $15::int[])
-    ON CONFLICT (node_id) DO UPDATE SET sessions = c.sessions + EXCLUDED.sessions, placed = c.placed + EXCLUDED.placed
-)
-SELECT core.append_event(k, n, p) FROM unnest($16::text[], $17::bigint[], $18::bytea[]) WITH ORDINALITY AS u(k, n, p, i)
-ORDER BY i
+# The placement lock, and then what a batch's decisions need, in one round trip (see the SQL function).
+# Without the lock: what a batch decides on before PLACE checks it under the lock.
+PLACEMENT_INPUTS = """
+SELECT (SELECT strategy FROM balancer.settings WHERE id = 1) AS strategy, now() AS now,
+       array_agg(c.node_id) AS ids, array_agg(c.sessions) AS n, array_agg(c.placed) AS pl,
+       EXISTS (SELECT 1 FROM balancer.sessions x WHERE x.request_id = ANY($2::text[])) AS retried
+FROM balancer.node_counts c WHERE c.node_id = ANY($1::bigint[])
 """
+# A decided batch written if what it read still holds (sql/0002_place.sql), in one statement.
+PLACE = """
+SELECT * FROM balancer.place($1::bigint[], $2::int[], $3::int[], $4::text, $5::text[], $6::text[], $7::bigint[],
+                             $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::timestamptz[],
+                             $14::bigint[], $15::int[], $16::int[], $17::bytea[])
+"""
+OPTIMISTIC_ATTEMPTS = 4
 ADD_COUNTS = """
 INSERT INTO balancer.node_counts AS c (node_id, sessions, placed)
 SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[])
@@ -120,21 +122,24 @@ NOW = "SELECT now()"
 
 def session_to_proto(s: Session) -> balancer_pb2.Session:
     """A Session message."""
-    msg = balancer_pb2.Session(
-        id=s.id,
-        node_id=s.node_id,
-        node_address=s.node_address,
-        route=s.route,
-        user=s.user,
-        kind=s.kind,
-        state=int(s.state),
-        pid=s.pid,
-        moved_from=s.moved_from,
-    )
+    msg = balancer_pb2.Session()
+    _fill(msg, s)
+    return msg
+
+
+def _fill(msg: balancer_pb2.Session, s: Session) -> None:
+    msg.id = s.id
+    msg.node_id = s.node_id
+    msg.node_address = s.node_address
+    msg.route = s.route
+    msg.user = s.user
+    msg.kind = s.kind
+    msg.state = int(s.state)  # type: ignore[assignment]
+    msg.pid = s.pid
+    msg.moved_from = s.moved_from
     msg.place_time.FromDatetime(s.place_time)
     if s.start_time is not None:
         msg.start_time.FromDatetime(s.start_time)
-    return msg
 
 
 @dataclass
@@ -144,30 +149,32 @@ class Ask:
     user: str
     kind: str
     request_id: str
-    candidates: list[NodeInfo]
-    excluded: list[tuple[NodeInfo, str]]
+    split: Split
     forced: NodeInfo | None = None
     fallback: str = ""
     everyone: bool = False  # score every candidate for the answer, not only the best few
     labels: dict[str, str] = field(default_factory=dict)  # the requirement (for a refusal's words)
-    capped: bool = field(init=False, default=False)  # a candidate has a capacity limit
-
-    def __post_init__(self) -> None:
-        self.capped = any(n.capacity is not None for n in self.candidates)
-
-
-def _reasons(excluded: list[tuple[NodeInfo, str]]) -> list[tuple[int, str, str]]:
-    return [(n.id, n.address, r) for n, r in excluded]
 
 
 @dataclass
 class Placed:
-    """A batch's answer to one Ask: the session, and the decision (None for a deduplicated retry)."""
+    """A batch's answer to one Ask: the session (and its message, built once for the event and the
+    answer), and the decision (None for a deduplicated retry)."""
 
-    session: Session | None
+    session: Session
+    message: balancer_pb2.Session
     decision: Decision | None
     append_id: int = 0
-    error: Exception | None = None  # every candidate is full: the caller gets this instead
+
+
+@dataclass
+class _Plan:
+    """A batch decided on the counts it read: the outcomes and the arguments of PLACE."""
+
+    out: list[Placed | Exception]
+    args: list[object]
+    placing: bool  # something to write
+    after: dict[int, Counts]  # the candidates' counts once it is written
 
 
 @dataclass
@@ -195,14 +202,6 @@ class _Rows:
             col.append(v)
 
 
-def _event_columns(items: list[tuple[object, int]]) -> tuple[list[str], list[int], list[bytes]]:
-    return (
-        [events.kind_of(p) for p, _ in items],  # type: ignore[arg-type]
-        [n for _, n in items],
-        [p.SerializeToString() for p, _ in items],  # type: ignore[attr-defined]
-    )
-
-
 def _count_args(deltas: Counter[int], placed: Counter[int]) -> tuple[list[int], list[int], list[int]]:
     ids = sorted(set(deltas) | set(placed))
     return ids, [deltas[i] for i in ids], [placed[i] for i in ids]
@@ -219,6 +218,41 @@ class BalancerStore:
     def __init__(self, pool: asyncpg.Pool, numberer: events.Numberer) -> None:
         self._pool = pool
         self._numberer = numberer
+        # What the last placement statement left: the candidates' counts and the strategy (a batch
+        # is decided on them without reading; balancer.place checks them under the lock), and the
+        # database's clock against this process's monotonic one (for the place time).
+        self._known: dict[int, Counts] = {}
+        self._known_strategy = ""
+        self._clock: tuple[datetime, float] | None = None
+
+    def _forget_counts(self) -> None:
+        """Counts changed outside a placement batch: the next batch reads them."""
+        self._known.clear()
+
+    def _inputs(self, ids: list[int]) -> dict[str, object] | None:
+        """The last statement's counts as a read of PLACEMENT_INPUTS, if they cover ``ids``."""
+        known, none = self._known, Counts()
+        if self._clock is None or not self._known_strategy or any(i not in known for i in ids):
+            return None
+        at, mono = self._clock
+        counts = [known.get(i, none) for i in ids]
+        return {
+            "strategy": self._known_strategy,
+            "now": at + timedelta(seconds=time.monotonic() - mono),
+            "ids": ids,
+            "n": [c.sessions for c in counts],
+            "pl": [c.placed for c in counts],
+            "retried": False,  # balancer.place finds out
+        }
+
+    def _learn(self, ids: list[int], read: asyncpg.Record | dict[str, object], after: dict[int, Counts] | None) -> None:
+        self._clock = (read["now"], time.monotonic())  # type: ignore[assignment]
+        self._known_strategy = str(read["strategy"])
+        if after is not None:
+            self._known.update(after)
+        else:
+            fresh = {i: Counts(n, pl) for i, n, pl in zip(*(read[k] or [] for k in ("ids", "n", "pl")), strict=True)}  # type: ignore[call-overload]
+            self._known.update({i: fresh.get(i, Counts()) for i in ids})
 
     async def revision_of(self, append_id: int) -> int:
         """Waits until the event is numbered; returns its revision."""
@@ -237,6 +271,7 @@ class BalancerStore:
             previous = str(await con.fetchval(LOCK_SETTINGS))
             await con.execute(SET_STRATEGY, name)
             append_id = await events.append(con, balancer_pb2.StrategyChanged(strategy=name))
+        self._known_strategy = ""
         self._numberer.kick()
         log.info("placement strategy %s (was %s)", name, previous, extra={"event": "strategy_changed"})
         return previous, append_id
@@ -249,84 +284,148 @@ class BalancerStore:
             rows = await con.fetch(COUNTS, list(node_ids))
         return {r["node_id"]: Counts(r["sessions"], r["placed"]) for r in rows}
 
-    async def reserve(self, asks: list[Ask], key: bytes) -> list[Placed]:
-        """Decides and reserves a batch of placements in one transaction under the placement lock.
+    async def reserve(self, asks: list[Ask], key: bytes) -> list[Placed | Exception]:
+        """Decides and reserves a batch of placements; one outcome per ask, in order (a refusal, such
+        as every candidate being full, is that ask's own :class:`NoEligibleNodeError`).
 
-        Two statements: one takes the lock and reads what the decisions need (the strategy, the
-        time, the candidates' counts, placements already made under the batch's request ids); one
-        writes the sessions, the counts and the events.
+        The batch is decided on counts read without a lock and written by one statement that checks,
+        under the placement lock, that they still hold (two round trips, one commit); when another
+        batch got there first, it is decided again on the counts that statement saw. After a few
+        such losses it is decided and written inside a transaction holding the lock. A batch that
+        fails on one placement's data is split, so that only that placement fails.
         """
+        try:
+            return await self._reserve(asks, key)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            if len(asks) == 1:
+                return [exc]
+            half = len(asks) // 2
+            return [*await self.reserve(asks[:half], key), *await self.reserve(asks[half:], key)]
+
+    async def _reserve(self, asks: list[Ask], key: bytes) -> list[Placed | Exception]:
         rids = [a.request_id for a in asks if a.request_id]
-        ids = sorted({n.id for a in asks for n in a.candidates})
+        ids = sorted({n.id for a in asks for n in a.split.candidates})
+        async with self._pool.acquire() as con:
+            read = self._inputs(ids)
+            if read is None:
+                read = await con.fetchrow(PLACEMENT_INPUTS, ids, rids)
+                self._learn(ids, read, None)
+            for attempt in range(OPTIMISTIC_ATTEMPTS):
+                plan = await self._plan(con, asks, key, ids, read)
+                if not plan.placing:
+                    return plan.out
+                row = await retry_serialization(lambda plan=plan: con.fetchrow(PLACE, *plan.args))
+                if row["placed"]:
+                    metrics.placement_batches.add(1, {"attempt": "again" if attempt else "first"})
+                    self._learn(ids, row, plan.after)
+                    return self._placed(plan, row)
+                # Another batch (another replica's, or a report) got there first: decide again on
+                # what the statement saw under the lock.
+                self._learn(ids, row, None)
+                read = row
+            log.debug("a placement batch lost %d races; deciding it under the lock", OPTIMISTIC_ATTEMPTS)
 
-        async def attempt() -> list[Placed]:
-            async with self._pool.acquire() as con, con.transaction():
-                head = await con.fetchrow(PLACEMENT_LOCK, ids, rids)
-                strategy, now = str(head["strategy"]), head["now"]
-                counts = {
-                    i: Counts(n, pl) for i, n, pl in zip(*(head[k] or [] for k in ("ids", "n", "pl")), strict=True)
-                }
-                seen: dict[str, Session] = {}
-                if head["retried"]:  # a retry of a placement already made: answer it again
-                    seen = {r["request_id"]: Session.from_row(r) for r in await con.fetch(BY_REQUEST, rids)}
-                rows, out, payloads = _Rows(), [], []
-                fresh: dict[str, int] = {}  # request id -> index in out, for duplicates within the batch
-                delta: Counter[int] = Counter()
-                for a in asks:
-                    if a.request_id in seen:
-                        out.append(Placed(seen[a.request_id], None))
-                        continue
-                    if a.request_id in fresh:
-                        out.append(Placed(out[fresh[a.request_id]].session, None))
-                        continue
-                    used = "sessions" if strategy == "custom" else strategy
-                    pool, excluded, forced, fallback = a.candidates, a.excluded, a.forced, a.fallback
-                    if a.capped:  # decided here, on the counts this transaction holds: never past a limit
-                        none = Counts()
-                        pool = [n for n in a.candidates if n.has_room(counts.get(n.id, none))]
-                        full = [(n, "full") for n in a.candidates if not n.has_room(counts.get(n.id, none))]
-                        excluded = sorted([*a.excluded, *full], key=lambda e: e[0].id)
-                        if not pool:
-                            out.append(Placed(None, None, error=NoEligibleNodeError(_reasons(excluded), a.labels)))
-                            continue
-                        if forced is not None and not forced.has_room(counts.get(forced.id, none)):
-                            forced, fallback = None, f"the custom strategy chose node {forced.id}, which is full"
-                    limit = None if a.everyone or forced is not None else BRIEF_CANDIDATES
-                    ranked = rank(used, a.user, pool, counts, limit)
-                    winner = forced if forced is not None else ranked[0].node
-                    sid = new_session_id(key, winner.route)
-                    c = counts.get(winner.id, Counts())
-                    counts[winner.id] = Counts(c.sessions + 1, c.placed + 1)
-                    delta[winner.id] += 1
-                    rows.add(sid, winner, a.user, a.kind, SessionState.PLACED, request_id=a.request_id, place_time=now)
-                    name = strategy if forced is not None or strategy != "custom" else "sessions"
-                    session = Session(
-                        sid, winner.id, winner.address, winner.route, a.user, a.kind, SessionState.PLACED, 0, now, None
-                    )
-                    decision = Decision(winner, tuple(ranked), tuple(excluded), name, fallback, len(pool))
-                    out.append(Placed(session, decision))
-                    payloads.append(
-                        (balancer_pb2.SessionPlaced(session=session_to_proto(session), strategy=name), winner.id)
-                    )
-                    if a.request_id:
-                        fresh[a.request_id] = len(out) - 1
-                if payloads:
-                    kinds, nodes, blobs = _event_columns(payloads)
-                    append_ids = iter(
-                        [
-                            r[0]
-                            for r in await con.fetch(PLACE, *rows.cols, *_count_args(delta, delta), kinds, nodes, blobs)
-                        ]
-                    )
-                    for p in out:
-                        if p.decision is not None:
-                            p.append_id = next(append_ids)
-                return out
+            async def locked() -> tuple[_Plan, asyncpg.Record | None]:
+                async with con.transaction():
+                    head = await con.fetchrow(PLACEMENT_LOCK, ids, rids)
+                    plan = await self._plan(con, asks, key, ids, head)
+                    if not plan.placing:
+                        return plan, None
+                    row = await con.fetchrow(PLACE, *plan.args)
+                    if not row["placed"]:  # under the lock nothing can change what it read
+                        raise RuntimeError("balancer.place found other counts than the lock's own read")
+                    return plan, row
 
-        out = await retry_serialization(attempt)
-        if any(p.decision is not None for p in out):
-            self._numberer.kick()
-        return out
+            plan, row = await retry_serialization(locked)
+            if row is None:
+                return plan.out
+            metrics.placement_batches.add(1, {"attempt": "locked"})
+            self._learn(ids, row, plan.after)
+            return self._placed(plan, row)
+
+    def _placed(self, plan: _Plan, row: asyncpg.Record) -> list[Placed | Exception]:
+        self._numberer.numbered(row["head"])
+        append_ids = iter(row["append_ids"] or ())
+        for p in plan.out:
+            if isinstance(p, Placed) and p.decision is not None:
+                p.append_id = next(append_ids)
+        return plan.out
+
+    async def _plan(
+        self,
+        con: asyncpg.Connection,
+        asks: list[Ask],
+        key: bytes,
+        ids: list[int],
+        read: asyncpg.Record | dict[str, object],
+    ) -> _Plan:
+        """Decides a batch (pure, but for reading the sessions of retried request ids)."""
+        strategy, now = str(read["strategy"]), read["now"]
+        counts = {i: Counts(n, pl) for i, n, pl in zip(*(read[k] or [] for k in ("ids", "n", "pl")), strict=True)}
+        none = Counts()
+        expected = [counts.get(i, none) for i in ids]
+        seen: dict[str, Placed] = {}
+        if read["retried"]:  # a retry of a placement already made: answer it again
+            for r in await con.fetch(BY_REQUEST, [a.request_id for a in asks if a.request_id]):
+                s = Session.from_row(r)
+                seen[r["request_id"]] = Placed(s, session_to_proto(s), None)
+        cols: list[list[object]] = [[] for _ in range(8)]
+        payloads: list[bytes] = []
+        out: list[Placed | Exception] = []
+        fresh: dict[str, Placed] = {}  # request id -> its placement, for duplicates within the batch
+        delta: Counter[int] = Counter()
+        for a in asks:
+            if a.request_id in seen or a.request_id in fresh:
+                p = seen.get(a.request_id) or fresh[a.request_id]
+                out.append(Placed(p.session, p.message, None))
+                continue
+            try:
+                decision = decide(
+                    strategy,
+                    a.user,
+                    a.split.candidates,
+                    counts,
+                    excluded=a.split.excluded,
+                    forced=a.forced,
+                    fallback=a.fallback,
+                    limit=None if a.everyone else BRIEF_CANDIDATES,
+                    capped=a.split.capped,
+                    labels=a.labels,
+                )
+            except NoEligibleNodeError as exc:
+                out.append(exc)
+                continue
+            winner = decision.winner
+            sid = new_session_id(key, winner.route)
+            reserve_in(counts, winner.id)
+            delta[winner.id] += 1
+            session = Session(
+                sid, winner.id, winner.address, winner.route, a.user, a.kind, SessionState.PLACED, 0, now, None
+            )
+            event = balancer_pb2.SessionPlaced(strategy=decision.strategy)
+            _fill(event.session, session)
+            values = (sid, winner.id, winner.address, winner.route, a.user, a.kind, a.request_id, now)
+            for col, v in zip(cols, values, strict=True):
+                col.append(v)
+            payloads.append(event.SerializeToString())
+            placed = Placed(session, event.session, decision)
+            out.append(placed)
+            if a.request_id:
+                fresh[a.request_id] = placed
+        c_ids = sorted(delta)
+        args: list[object] = [
+            ids,
+            [c.sessions for c in expected],
+            [c.placed for c in expected],
+            strategy,
+            [a.request_id for a in asks if a.request_id and a.request_id not in seen],
+            *cols,
+            c_ids,
+            [delta[i] for i in c_ids],
+            [delta[i] for i in c_ids],
+            payloads,
+        ]
+        return _Plan(out, args, bool(payloads), {i: counts.get(i, none) for i in ids})
 
     # -- reports -------------------------------------------------------------------------------
 
@@ -370,6 +469,7 @@ class BalancerStore:
                     placed[before.node_id] -= 1
                 await con.execute(ADD_COUNTS, *_count_args(moves, placed))
             await events.append(con, balancer_pb2.SessionStarted(session=session_to_proto(session)), node_id=node.id)
+        self._forget_counts()
         self._numberer.kick()
         return session
 
@@ -384,6 +484,7 @@ class BalancerStore:
             await events.append(
                 con, balancer_pb2.SessionEnded(session_id=s.id, node_id=s.node_id, reason=reason), node_id=s.node_id
             )
+        self._forget_counts()
         self._numberer.kick()
         return s
 
@@ -450,7 +551,6 @@ class BalancerStore:
                             extra={"event": "sessions_stranded", "node": node_id},
                         )
                         return -1
-                    used = "sessions" if strategy == "custom" else strategy
                     counts = {
                         r["node_id"]: Counts(r["sessions"], r["placed"])
                         for r in await con.fetch(COUNTS, [n.id for n in pool])
@@ -459,10 +559,11 @@ class BalancerStore:
                     delta: Counter[int] = Counter({node_id: -len(rows)})
                     placed: Counter[int] = Counter()
                     olds, news = [], []
-                    capped = any(n.capacity is not None for n in pool)
+                    capped = is_capped(pool)
                     for s in rows:
-                        fits = [n for n in pool if n.has_room(counts.get(n.id, Counts()))] if capped else pool
-                        if not fits:
+                        try:
+                            winner = decide(strategy, s.user, pool, counts, limit=1, capped=capped).winner
+                        except NoEligibleNodeError:
                             log.warning(
                                 "node %s's sessions cannot all be moved: every other node is full (%s)",
                                 node_id,
@@ -470,11 +571,9 @@ class BalancerStore:
                                 extra={"event": "sessions_stranded", "node": node_id},
                             )
                             break
-                        winner = rank(used, s.user, fits, counts, 1)[0].node
                         sid = new_session_id(key, winner.route)
-                        c = counts.get(winner.id, Counts())
                         is_placed = s.state is SessionState.PLACED
-                        counts[winner.id] = Counts(c.sessions + 1, c.placed + int(is_placed))
+                        reserve_in(counts, winner.id, placed=is_placed)
                         delta[winner.id] += 1
                         if is_placed:
                             placed[winner.id] += 1
@@ -517,6 +616,7 @@ class BalancerStore:
             if n <= 0:
                 break
             moved += n
+            self._forget_counts()
             self._numberer.kick()
         if moved:
             metrics.sessions_moved.add(moved)
@@ -547,6 +647,7 @@ class BalancerStore:
                     for r in rows
                 ],
             )
+        self._forget_counts()
         self._numberer.kick()
         return len(rows)
 

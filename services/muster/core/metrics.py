@@ -13,7 +13,8 @@ The series (Prometheus names; OpenTelemetry turns dots into underscores and adds
   (histogram: how far behind the head a stream's message was when sent), ``muster_events_head_revision``;
 - ``muster_lock_wait_milliseconds`` (acquire to grant), ``muster_lock_hold_milliseconds`` (grant to
   release);
-- ``muster_placements_total`` (``strategy``), ``muster_sessions_moved_total``;
+- ``muster_placements_total`` (``strategy``), ``muster_sessions_moved_total``,
+  ``muster_placement_batches_total`` (``attempt``: ``first``, ``again``, ``locked``);
 - ``muster_db_pool_connections`` (gauge; ``state`` = ``in_use`` or ``idle``).
 """
 
@@ -46,6 +47,11 @@ lock_wait = _meter.create_histogram("muster.lock.wait", unit="ms", description="
 lock_hold = _meter.create_histogram("muster.lock.hold", unit="ms", description="From grant to release")
 placements = _meter.create_counter("muster.placements", description="Sessions placed, by strategy")
 sessions_moved = _meter.create_counter("muster.sessions.moved", description="Sessions moved off failed nodes")
+placement_batches = _meter.create_counter(
+    "muster.placement.batches",
+    description="Placement batches written, by attempt: first (decided on an unlocked read), again (after "
+    "another batch changed the counts first), locked (decided under the placement lock)",
+)
 
 
 def observe(

@@ -1,10 +1,8 @@
-"""What the balancer needs besides its tables: the batcher of placements, the custom strategy, and
-the diagnostics log of decisions."""
+"""What the balancer calls outside itself: the custom strategy, and the diagnostics log of decisions."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib
 import json
 import logging
@@ -19,65 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from muster.balancer.models import Counts, Decision, NodeInfo
-from muster.balancer.store import Ask, BalancerStore, Placed
 
 log = logging.getLogger(__name__)
-
-_MAX_BATCH = 500
-_IN_FLIGHT = 2
-
-
-class Placer:
-    """Reserves placements in batches: the first placement of a quiet moment is written at once;
-    those arriving while batches are in flight go together in the next (group commit). Two batches
-    may be in flight, so that one's round trips overlap the other's commit; they still decide one
-    after the other, under the placement lock. Each caller is answered after its batch committed."""
-
-    def __init__(self, store: BalancerStore, signing_key: Callable[[], bytes]) -> None:
-        self._store = store
-        self._key = signing_key
-        self._queue: list[tuple[Ask, asyncio.Future[Placed]]] = []
-        self._inflight: set[asyncio.Task[None]] = set()
-
-    async def place(self, ask: Ask) -> Placed:
-        """Decides and reserves one placement."""
-        fut: asyncio.Future[Placed] = asyncio.get_running_loop().create_future()
-        self._queue.append((ask, fut))
-        self._pump()
-        return await fut
-
-    def _pump(self) -> None:
-        while self._queue and len(self._inflight) < _IN_FLIGHT:
-            batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
-            task = asyncio.create_task(self._flush(batch), name="muster-placements")
-            self._inflight.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        self._pump()
-
-    async def _flush(self, batch: list[tuple[Ask, asyncio.Future[Placed]]]) -> None:
-        try:
-            results = await self._store.reserve([a for a, _ in batch], self._key())
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for (_, fut), placed in zip(batch, results, strict=True):
-            if fut.done():
-                continue
-            if placed.error is not None:
-                fut.set_exception(placed.error)
-            else:
-                fut.set_result(placed)
-
-    async def close(self) -> None:
-        """Waits for the batches in flight."""
-        if self._inflight:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*self._inflight, return_exceptions=True), 5)
 
 
 class CustomStrategy:
