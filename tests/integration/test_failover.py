@@ -27,6 +27,7 @@ from replicated import ReplicatedPostgres
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
 from muster.client import Cluster
+from muster.client._scheduler import Scheduler
 from muster.client.fencing import fenced_update
 from muster.core.server import run_migrations
 
@@ -103,6 +104,21 @@ async def _lock_worker(
         await pool.close()
 
 
+async def _scheduler(address: str, stop: asyncio.Event, ran: list) -> None:
+    """A scheduler running a single-run job every second (the other scheduler races it)."""
+    async with Cluster.connect(address) as cluster:
+        scheduler = Scheduler(cluster)
+
+        @scheduler.job(every=timedelta(seconds=1), name="tick", ttl=timedelta(seconds=30))
+        async def tick(firing) -> None:  # noqa: ANN001
+            pass
+
+        try:
+            await scheduler.run(stop)
+        finally:
+            ran.extend(scheduler.ran)
+
+
 async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(replicated) -> None:
     url = replicated.url
     await run_migrations(url, ["registry", "locks"], wait=30)
@@ -125,6 +141,8 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         tasks = [asyncio.create_task(_heartbeats(addresses[i % 2], n, stop)) for i, n in enumerate(nodes)]
         tasks += [asyncio.create_task(_serving_since(a, watch_stop, seen)) for a, seen in health.items()]
         tasks.append(asyncio.create_task(watcher.run(watch_stop)))
+        ran: list = []
+        tasks += [asyncio.create_task(_scheduler(lk.address, stop, ran)) for lk in lockers]
         tasks += [
             asyncio.create_task(_lock_worker([lockers[i % 2].address], url, f"w{i}", stop, grants, pauses, errors))
             for i in range(4)
@@ -211,6 +229,20 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         if ev.revision <= survived:
             stored = log[ev.revision]
             assert (stored["kind"], bytes(stored["payload"])) == (ev.kind, ev.payload.value), ev.revision
+    # Single-run jobs: every slot ran, and once per epoch at most — a slot claimed on the old
+    # primary whose claim was lost is claimed again on the new one, once; with synchronous
+    # replication no claim is lost, so every slot ran exactly once.
+    slots: dict = {}
+    for _, slot, token in ran:
+        slots.setdefault(slot, []).append(token)
+    assert slots, "the schedulers ran nothing"
+    for slot, tokens in slots.items():
+        epochs = [t >> 40 for t in tokens]
+        assert len(set(epochs)) == len(epochs), (slot, tokens)
+        if replicated.synchronous:
+            assert len(tokens) == 1, (slot, tokens)
+    every = [s for s in sorted(slots) if s <= max(slots) - timedelta(seconds=3)]  # not the ones cut by the stop
+    assert all((b - a) == timedelta(seconds=1) for a, b in zip(every, every[1:], strict=False)), "a slot never ran"
     accepted = [t for _, t, _, ok in sorted(grants) if ok]
     if replicated.synchronous:
         # Nothing acknowledged is lost: every accepted fenced write, every event the watcher read.
@@ -227,5 +259,6 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         f"\nfailover ({'synchronous' if replicated.synchronous else 'asynchronous'}): primary killed, "
         f"promoted after {promoted - killed:.1f}s; every replica SERVING "
         f"{back - killed:.1f}s after the kill ({back - promoted:.1f}s after the promotion); longest lock "
-        f"wait {max(pauses)[0]:.1f}s; {len(grants)} grants, {len(written)} fenced writes survived"
+        f"wait {max(pauses)[0]:.1f}s; {len(grants)} grants, {len(written)} fenced writes survived; "
+        f"{len(slots)} job slots, {sum(len(t) > 1 for t in slots.values())} run again after the failover"
     )
