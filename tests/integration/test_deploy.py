@@ -5,7 +5,8 @@
   overlays use; anything else in a kustomization fails the test). Where `kubectl` is installed its
   `kubectl kustomize` output must equal ours. Every built-in kind is validated by
   `kubernetes-validate --strict` (a "Couldn't find schema" warning is a failure, and the number of
-  resources that passed is counted); every mesh resource is validated with `jsonschema` against the
+  resources that passed is counted); every mesh resource, and the CloudNativePG Cluster and Pooler of
+  deploy/k8s/examples/cloudnative-pg.yaml, is validated with `jsonschema` against the
   openAPIV3Schema of its real CRD (tests/deploy_schemas/, see the README there), made strict the way
   the API server treats it: unknown fields are errors, `nullable` allows null, and the CEL rules on
   the fields we set are evaluated. Then the shape: gRPC probes on each service's health name,
@@ -56,6 +57,7 @@ K8S = DEPLOY / "k8s"
 SCHEMAS = ROOT / "tests" / "deploy_schemas"
 RENDERS = {"base": K8S / "base", "istio": K8S / "overlays" / "istio", "linkerd": K8S / "overlays" / "linkerd"}
 EXAMPLE = K8S / "examples" / "application-with-agent.yaml"
+CNPG_EXAMPLE = K8S / "examples" / "cloudnative-pg.yaml"
 NAMESPACE = "muster"
 GRPC_PORT = 7400
 GRACE_PERIOD_SECONDS = 10  # MUSTER_GRACE_PERIOD's default: pods must be given longer to stop
@@ -77,6 +79,7 @@ IDEMPOTENT = {
 SECRETS = {"muster-database", "muster-tokens", "muster-master-key"}
 SECRET_ENV = {
     "MUSTER_DATABASE_URL",
+    "MUSTER_DATABASE_DIRECT_URL",
     "MUSTER_DATABASE_PASSWORD",
     "MUSTER_NODE_TOKEN",
     "MUSTER_ADMIN_TOKEN",
@@ -84,6 +87,8 @@ SECRET_ENV = {
     "MUSTER_MASTER_KEY",
 }
 MESH_KINDS = {"PeerAuthentication", "DestinationRule", "VirtualService", "ServiceProfile"}
+CNPG_KINDS = {"Cluster", "Pooler"}  # CloudNativePG (postgresql.cnpg.io), in the example only
+CRD_KINDS = MESH_KINDS | CNPG_KINDS  # validated against their stored CRDs, not by kubernetes-validate
 BUILTIN_GROUPS = {"", "apps", "batch", "policy", "networking.k8s.io"}
 # Expected renders: (kinds and counts) — a resource that silently disappears fails here.
 EXPECTED_KINDS = {
@@ -377,9 +382,9 @@ def kubernetes_validate(docs: list[dict[str, Any]], directory: Path) -> tuple[in
 
 
 def builtin(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    core = [d for d in docs if d["kind"] not in MESH_KINDS]
+    core = [d for d in docs if d["kind"] not in CRD_KINDS]
     for d in core:
-        assert group_of(d) in BUILTIN_GROUPS, f"{identity(d)} is neither a built-in kind nor a mesh resource"
+        assert group_of(d) in BUILTIN_GROUPS, f"{identity(d)} is neither a built-in kind nor one of a stored CRD"
     return core
 
 
@@ -435,18 +440,43 @@ CEL_RULES: dict[str, Callable[[Any], bool]] = {
         "has(self.portLevelMtls) ? (((has(self.selector) && has(self.selector.matchLabels))"
         " ? self.selector.matchLabels : {}).size() > 0) : true"
     ): lambda v: "portLevelMtls" not in v or bool((v.get("selector") or {}).get("matchLabels")),
+    # CloudNativePG's Cluster: spec, spec.postgresql.synchronous and its `number`. In CEL an absent
+    # field in `self.dataDurability != 'preferred'` is an error that `|| true` absorbs, as here.
+    _squash("!(has(self.imageCatalogRef) && has(self.imageName))"): lambda v: (
+        not ("imageCatalogRef" in v and "imageName" in v)
+    ),
+    _squash("self > 0"): lambda v: v > 0,
+    # The Cluster's bootstrap.initdb and the Pooler's pgbouncer.
+    **{
+        f"!has(self.{field}) || self.localeProvider == '{provider}'": (
+            lambda v, field=field, provider=provider: field not in v or v.get("localeProvider") == provider
+        )
+        for field, provider in (("builtinLocale", "builtin"), ("icuLocale", "icu"), ("icuRules", "icu"))
+    },
+    _squash("!(has(self.image) && has(self.imageCatalogRef))"): lambda v: not ("image" in v and "imageCatalogRef" in v),
+    _squash(
+        "self.dataDurability!='preferred' || ((!has(self.standbyNamesPre) || self.standbyNamesPre.size()==0)"
+        " && (!has(self.standbyNamesPost) || self.standbyNamesPost.size()==0))"
+    ): lambda v: (
+        v.get("dataDurability") != "preferred" or (not v.get("standbyNamesPre") and not v.get("standbyNamesPost"))
+    ),
 }
 
 
+_CRDS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
 def load_crds() -> dict[tuple[str, str], dict[str, Any]]:
-    """The stored CRDs by (group, kind); Helm template lines (only in Linkerd's metadata) are dropped."""
-    crds = {}
-    for path in sorted(SCHEMAS.glob("*/*.yaml")):
-        text = "\n".join(line for line in path.read_text().splitlines() if "{{" not in line)
-        doc = yaml.safe_load(text)
-        assert doc["kind"] == "CustomResourceDefinition", path
-        crds[(doc["spec"]["group"], doc["spec"]["names"]["kind"])] = doc
-    return crds
+    """The stored CRDs by (group, kind); Helm template lines (only in Linkerd's metadata) are dropped.
+    Parsed once (CloudNativePG's are 1.1 MB); callers must not modify them."""
+    if not _CRDS:
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        for path in sorted(SCHEMAS.glob("*/*.yaml")):
+            text = "\n".join(line for line in path.read_text().splitlines() if "{{" not in line)
+            doc = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader, C or Python
+            assert doc["kind"] == "CustomResourceDefinition", path
+            _CRDS[(doc["spec"]["group"], doc["spec"]["names"]["kind"])] = doc
+    return _CRDS
 
 
 def strict(schema: dict[str, Any]) -> dict[str, Any]:
@@ -501,6 +531,8 @@ def crd_schema(crds: dict[tuple[str, str], dict[str, Any]], doc: dict[str, Any])
 def cel_problems(schema: dict[str, Any], value: Any, path: str = "") -> list[str]:
     problems = []
     for rule in schema.get("x-kubernetes-validations") or []:
+        if re.search(r"\boldSelf\b", rule["rule"]):
+            continue  # a transition rule (`self == oldSelf`: immutable): the API server checks it on update only
         check = CEL_RULES.get(_squash(rule["rule"]))
         if check is None:
             problems.append(f"{path or '/'}: CEL rule not evaluated by this test: {rule['rule']!r}")
@@ -518,7 +550,7 @@ def cel_problems(schema: dict[str, Any], value: Any, path: str = "") -> list[str
     return problems
 
 
-def mesh_problems(crds: dict[tuple[str, str], dict[str, Any]], doc: dict[str, Any]) -> list[str]:
+def crd_problems(crds: dict[tuple[str, str], dict[str, Any]], doc: dict[str, Any]) -> list[str]:
     schema = crd_schema(crds, doc)
     validator = jsonschema.Draft202012Validator(schema)
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
@@ -541,6 +573,8 @@ def test_stored_crds_are_the_ones_described(tmp_path: Path) -> None:
             ("networking.istio.io", "VirtualService"),
             ("security.istio.io", "PeerAuthentication"),
             ("linkerd.io", "ServiceProfile"),
+            ("postgresql.cnpg.io", "Cluster"),
+            ("postgresql.cnpg.io", "Pooler"),
         ]
     )
 
@@ -552,7 +586,7 @@ def test_mesh_resources_validate_against_their_crds(
     crds = load_crds()
     mesh = [d for d in rendered[name] if d["kind"] in MESH_KINDS]
     assert len(mesh) == expected
-    problems = {identity(d): mesh_problems(crds, d) for d in mesh}
+    problems = {identity(d): crd_problems(crds, d) for d in mesh}
     assert {k: v for k, v in problems.items() if v} == {}
 
 
@@ -570,10 +604,143 @@ def test_mesh_validation_rejects_what_the_api_server_would(rendered: dict[str, l
     ]
     for kind, spoil, message in cases:
         doc = copy.deepcopy(docs[kind])
-        assert mesh_problems(crds, doc) == []
+        assert crd_problems(crds, doc) == []
         spoil(doc)
-        problems = mesh_problems(crds, doc)
+        problems = crd_problems(crds, doc)
         assert any(message in p for p in problems), (kind, message, problems)
+
+
+# --- CloudNativePG: the example's Cluster and Pooler against their real CRDs -----------------------
+
+
+def cnpg_example() -> dict[str, list[dict[str, Any]]]:
+    docs = load_docs(CNPG_EXAMPLE)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for d in docs:
+        out.setdefault(d["kind"], []).append(d)
+    return out
+
+
+def test_cloudnative_pg_example_validates_against_its_crds() -> None:
+    crds = load_crds()
+    docs = load_docs(CNPG_EXAMPLE)
+    cnpg = [d for d in docs if d["kind"] in CNPG_KINDS]
+    assert sorted(d["kind"] for d in cnpg) == ["Cluster", "Pooler"]
+    for d in cnpg:
+        assert d["apiVersion"] == "postgresql.cnpg.io/v1", identity(d)
+    problems = {identity(d): crd_problems(crds, d) for d in cnpg}
+    assert {k: v for k, v in problems.items() if v} == {}
+
+
+def test_cloudnative_pg_example_builtin_kinds_validate_strictly(tmp_path: Path) -> None:
+    core = builtin(load_docs(CNPG_EXAMPLE))
+    passed, others = kubernetes_validate(core, tmp_path)
+    assert (
+        others == [] and passed == len(core) * len(kubernetes_versions()) and [d["kind"] for d in core] == ["Namespace"]
+    )
+
+
+def test_cnpg_validation_rejects_what_the_api_server_would() -> None:
+    crds = load_crds()
+    docs = {kind: found[0] for kind, found in cnpg_example().items()}
+
+    def sync(d: dict[str, Any]) -> dict[str, Any]:
+        return d["spec"]["postgresql"]["synchronous"]
+
+    cases: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+        ("Cluster", lambda d: d["spec"].update(instance=3), "Additional properties"),
+        ("Cluster", lambda d: d["spec"].pop("instances"), "'instances' is a required property"),
+        ("Cluster", lambda d: sync(d).update(number=0), "The number of synchronous replicas should be greater"),
+        ("Cluster", lambda d: sync(d).pop("method"), "'method' is a required property"),
+        ("Cluster", lambda d: sync(d).update(method="all"), "is not one of"),
+        (
+            "Cluster",
+            lambda d: sync(d).update(dataDurability="preferred", standbyNamesPre=["x"]),
+            "dataDurability set to 'preferred' requires empty",
+        ),
+        ("Cluster", lambda d: d["spec"].update(imageCatalogRef={}, imageName="pg:17"), "mutually exclusive"),
+        ("Cluster", lambda d: d["spec"]["postgresql"]["parameters"].update(max_connections=300), "is not of type"),
+        ("Cluster", lambda d: d["spec"]["bootstrap"]["initdb"].update(databases=["muster"]), "Additional properties"),
+        ("Cluster", lambda d: d["spec"]["bootstrap"]["initdb"].update(icuLocale="en"), "icuLocale is only available"),
+        ("Pooler", lambda d: d["spec"]["pgbouncer"].update(poolMode="statement"), "is not one of"),
+        (
+            "Pooler",
+            lambda d: d["spec"]["pgbouncer"].update(image="pgbouncer:1", imageCatalogRef={}),
+            "mutually exclusive",
+        ),
+        ("Pooler", lambda d: d["spec"].update(type="primary"), "is not one of"),
+        ("Pooler", lambda d: d["spec"].pop("cluster"), "'cluster' is a required property"),
+        ("Pooler", lambda d: d["spec"]["template"]["spec"]["containers"][0].pop("name"), "'name' is a required"),
+    ]
+    for kind, spoil, message in cases:
+        doc = copy.deepcopy(docs[kind])
+        assert crd_problems(crds, doc) == []
+        spoil(doc)
+        problems = crd_problems(crds, doc)
+        assert any(message in p for p in problems), (kind, message, problems)
+
+
+_EXAMPLE_KEY = re.compile(r"^#\s+(url|direct-url|pooled)\s+(\S+)", re.MULTILINE)
+
+
+def test_cloudnative_pg_example_is_wired(monkeypatch: pytest.MonkeyPatch, caplog: Any) -> None:
+    """Three instances with synchronous replication, the Pooler in transaction mode in front of the
+    primary, and the Secret the example's comments describe loads into settings that send the pool to
+    the Pooler and LISTEN and migrations to the -rw Service."""
+    from muster.core.config import database_direct_dsn, database_dsn
+
+    found = cnpg_example()
+    [cluster], [pooler] = found["Cluster"], found["Pooler"]
+    spec = cluster["spec"]
+    namespace = cluster["metadata"]["namespace"]
+    assert spec["instances"] >= 3 and spec["affinity"]["enablePodAntiAffinity"] is True
+    synchronous = spec["postgresql"]["synchronous"]
+    assert synchronous["number"] >= 1 and synchronous["dataDurability"] == "required"
+    assert synchronous["number"] < spec["instances"], "a standby more than those a commit waits for"
+    assert spec["postgresql"]["parameters"].get("synchronous_commit", "on") in ("on", "remote_apply")
+    initdb = spec["bootstrap"]["initdb"]
+    assert initdb["database"] == initdb["owner"] == "muster" and initdb["secret"]["name"]
+    assert any("idle_in_transaction_session_timeout" in q for q in initdb["postInitApplicationSQL"])
+    for what in ("cpu", "memory"):
+        assert quantity(spec["resources"]["requests"][what]) > 0
+    assert (
+        pooler["metadata"]["namespace"] == namespace
+        and pooler["spec"]["cluster"]["name"] == cluster["metadata"]["name"]
+    )
+    assert pooler["spec"]["type"] == "rw" and pooler["spec"]["pgbouncer"]["poolMode"] == "transaction"
+    assert pooler["spec"]["instances"] >= 2
+    [bouncer] = pooler["spec"]["template"]["spec"]["containers"]
+    assert bouncer["name"] == "pgbouncer" and quantity(bouncer["resources"]["requests"]["memory"]) > 0
+
+    keys = dict(_EXAMPLE_KEY.findall(CNPG_EXAMPLE.read_text()))
+    assert sorted(keys) == ["direct-url", "pooled", "url"], keys
+    password = secrets.token_hex(24)
+    env = {
+        "MUSTER_DATABASE_URL": keys["url"].replace("PASSWORD", password),
+        "MUSTER_DATABASE_DIRECT_URL": keys["direct-url"].replace("PASSWORD", password),
+        "MUSTER_DATABASE_POOLED": keys["pooled"],
+    }
+    settings = load_server_settings(env, monkeypatch, caplog)
+    assert settings.database_pooled is True
+    pooled, direct = database_dsn(settings), database_direct_dsn(settings)
+    assert f"@{pooler['metadata']['name']}.{namespace}.svc:5432/muster" in pooled
+    assert f"@{cluster['metadata']['name']}-rw.{namespace}.svc:5432/muster?" in direct
+    assert "target_session_attrs=read-write" in direct and password in direct
+    readme = (DEPLOY / "README.md").read_text()
+    for key in ("url", "direct-url"):
+        assert f'--from-literal={key}="{keys[key].replace("PASSWORD", "$PASSWORD")}"' in readme, key
+    # The base hands these keys of the Secret muster-database to every service and the migration Job.
+    for path in sorted((K8S / "base").glob("*.yaml")):
+        for d in load_docs(path):
+            if d["kind"] in ("Deployment", "Job"):
+                env_refs = {
+                    e["name"]: e["valueFrom"]["secretKeyRef"]
+                    for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+                    if "secretKeyRef" in (e.get("valueFrom") or {})
+                }
+                assert env_refs["MUSTER_DATABASE_URL"] == {"name": "muster-database", "key": "url"}
+                for name, key in (("MUSTER_DATABASE_DIRECT_URL", "direct-url"), ("MUSTER_DATABASE_POOLED", "pooled")):
+                    assert env_refs[name] == {"name": "muster-database", "key": key, "optional": True}, path
 
 
 # --- the shape of the workloads ---------------------------------------------------------------------
@@ -698,6 +865,10 @@ def fake_secret(name: str) -> str:
         return base64.b64encode(os.urandom(32)).decode()
     if name == "MUSTER_DATABASE_URL":
         return "postgresql://muster:pw@db.example:5432/muster"
+    if name == "MUSTER_DATABASE_DIRECT_URL":
+        return "postgresql://muster:pw@db-direct.example:5432/muster?target_session_attrs=read-write"
+    if name == "MUSTER_DATABASE_POOLED":
+        return "true"
     return secrets.token_urlsafe(32)
 
 
@@ -740,6 +911,7 @@ def pod_env(container: dict[str, Any], configmaps: dict[str, dict[str, str]]) ->
 def test_kubernetes_server_environments_load(
     name: str, rendered: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
+    from muster.core.config import database_direct_dsn
     from muster.keys.component import master_key_from_settings
 
     docs = rendered[name]
@@ -750,6 +922,8 @@ def test_kubernetes_server_environments_load(
         env = pod_env(dep["spec"]["template"]["spec"]["containers"][0], configmaps)
         settings = load_server_settings(env, monkeypatch, caplog)
         assert settings.listen == f"0.0.0.0:{GRPC_PORT}"
+        # The Secret's optional `pooled` and `direct-url` keys (here present) reach the settings.
+        assert settings.database_pooled is True and "@db-direct.example:5432/" in database_direct_dsn(settings)
         assert env["OTEL_SERVICE_NAME"] == f"muster-{svc}" and env["OTEL_EXPORTER_OTLP_ENDPOINT"]
         assert "$(" not in env["OTEL_RESOURCE_ATTRIBUTES"]
         wanted = {"registry": {"keys_address"}, "balancer": {"keys_address", "registry_address"}}.get(svc, set())
@@ -1186,3 +1360,36 @@ def test_readme_names_every_secret_and_variable() -> None:
         assert f"{variable}=" in readme, variable
     for overlay in ("deploy/k8s/base", "deploy/k8s/overlays/istio", "deploy/k8s/overlays/linkerd"):
         assert f"kubectl apply -k {overlay}" in readme, overlay
+    assert "kubectl apply -f deploy/k8s/examples/cloudnative-pg.yaml" in readme
+    assert "create secret generic muster-pg-owner" in readme and "--from-literal=direct-url=" in readme
+
+
+def test_readme_failover_section_names_what_the_servers_emit() -> None:
+    """The log lines and metrics deploy/README.md's "PostgreSQL with failover" describes are the
+    servers' own (a renamed message or series fails here)."""
+    readme = (DEPLOY / "README.md").read_text()
+    section = readme.split("## PostgreSQL with failover", 1)[1].split("\n## ", 1)[0]
+    core = ROOT / "services" / "muster" / "core"
+    source = {name: (core / f"{name}.py").read_text() for name in ("server", "events", "clock", "metrics")}
+    logged = {
+        "server": ["database unreachable", "database reachable again", "the database is a standby now; reconnecting"],
+        "events": ["the database is on a new timeline (a failover or a restore): revisions from"],
+        "clock": ["no replica reached the database for", "crediting"],
+    }
+    for lines in logged.values():
+        for line in lines:
+            assert line in section, line
+    assert '"reachable again" if ok else "unreachable"' in source["server"] and '"database %s"' in source["server"]
+    assert "the database is a standby now; reconnecting" in source["server"]
+    assert '"the database is on a new timeline (a failover or a restore): revisions from %d on; "' in source["events"]
+    assert '"no replica reached the database for %.1fs; crediting %.1fs to leases"' in source["clock"]
+    for event in ("db_health", "db_standby", "bus_new_epoch", "outage_credited"):
+        assert f"`{event}`" in section and f'"event": "{event}"' in "".join(source.values()), event
+    named = set(re.findall(r"`(muster_[a-z_]+?)(?:_count)?[`{]", section))
+    assert len(named) >= 5
+    for metric in named:
+        assert f"``{metric}``" in source["metrics"], metric
+    epoch_sql = (core / "sql" / "0003_epochs.sql").read_text()
+    assert "muster: timeline % (a failover or a restore): epoch opened at revision %" in epoch_sql
+    assert "muster: timeline 2 (a failover or a restore): epoch opened at revision 2199023255552" in section
+    assert 2 << 40 == 2199023255552 and "2 199 023 255 552" in section
