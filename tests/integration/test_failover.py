@@ -108,15 +108,13 @@ async def _scheduler(address: str, stop: asyncio.Event, ran: list) -> None:
     """A scheduler running a single-run job every second (the other scheduler races it)."""
     async with Cluster.connect(address) as cluster:
         scheduler = Scheduler(cluster)
+        scheduler.ran = ran  # shared with the test, live
 
         @scheduler.job(every=timedelta(seconds=1), name="tick", ttl=timedelta(seconds=30))
         async def tick(firing) -> None:  # noqa: ANN001
             pass
 
-        try:
-            await scheduler.run(stop)
-        finally:
-            ran.extend(scheduler.ran)
+        await scheduler.run(stop)
 
 
 async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(replicated) -> None:
@@ -160,7 +158,12 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         if not replicated.synchronous:
             # The standby stops receiving; what is acknowledged from here on is lost in the failover.
             replicated.hold_replication()
-            await wait_for(lambda: len(grants) >= n_held + 10, timeout=30, what="grants the standby will not have")
+            n_ran = len(ran)
+            await wait_for(
+                lambda: len(grants) >= n_held + 10 and len(ran) > n_ran,
+                timeout=30,
+                what="grants and a job run the standby will not have",
+            )
         lost_tokens = {t for _, t, _, _ in grants[n_held:]}
         seen_before = {ev.revision for ev in watcher.events}
         killed = time.monotonic()
