@@ -106,6 +106,8 @@ BEGIN
     RETURNING head.revision, (SELECT count(*) FROM done) INTO revision, numbered;
 END $$;
 
+-- The writer's in-transaction numbering (core 0002), now on the current epoch: one pass of
+-- core.number_some with no limit, the head lock taken last as before.
 CREATE OR REPLACE FUNCTION core.number_pending() RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -113,20 +115,7 @@ DECLARE
     v_numbered bigint;
 BEGIN
     LOCK TABLE core.head IN EXCLUSIVE MODE;
-    PERFORM core.epoch_floor();
-    WITH pending AS (
-        SELECT append_id, row_number() OVER (ORDER BY append_id) AS n
-        FROM core.events WHERE revision IS NULL
-    ), h AS (
-        SELECT revision FROM core.head WHERE id = 1
-    ), numbered AS (
-        UPDATE core.events e SET revision = h.revision + p.n
-        FROM pending p, h WHERE e.append_id = p.append_id
-        RETURNING e.revision
-    )
-    UPDATE core.head SET revision = revision + (SELECT count(*) FROM numbered)
-    WHERE id = 1
-    RETURNING revision, (SELECT count(*) FROM numbered) INTO v_head, v_numbered;
+    SELECT n.revision, n.numbered INTO v_head, v_numbered FROM core.number_some(2147483647) n;
     IF v_numbered > 0 THEN
         PERFORM pg_notify('muster_events', v_head::text);
     END IF;
