@@ -16,9 +16,8 @@ from datetime import timedelta
 
 import asyncpg
 
-from muster.client import Cluster
+from muster.client import Cluster, LockLostError
 from muster.client import errors as E
-from muster.client._locks import LockLostError
 
 ENTER = """
 WITH ok AS (UPDATE resource SET fence = $1 WHERE id = 1 AND fence <= $1 RETURNING 1)

@@ -211,9 +211,8 @@ INSERT INTO chaos.sections (token, phase, worker) SELECT $1, $2, $3 FROM ok RETU
 async def lock(cfg: dict[str, Any], log: Log) -> None:
     import asyncpg
 
-    from muster.client import Cluster
+    from muster.client import Cluster, LockLostError
     from muster.client import errors as E
-    from muster.client._locks import LockLostError
 
     ttl = timedelta(seconds=cfg["ttl"])
     wait = timedelta(seconds=cfg["wait"])
@@ -287,9 +286,8 @@ async def lock(cfg: dict[str, Any], log: Log) -> None:
 
 
 async def jobs(cfg: dict[str, Any], log: Log) -> None:
-    from muster.client import Cluster
+    from muster.client import Cluster, Scheduler
     from muster.client import errors as E
-    from muster.client._scheduler import Scheduler
 
     log.write(op="start", wall=time.time(), t=mono(), pid=os.getpid())
     async with Cluster.connect(cfg["addresses"], deadline=timedelta(seconds=3)) as cluster:

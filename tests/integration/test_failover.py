@@ -26,8 +26,7 @@ from replicated import ReplicatedPostgres
 
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.client import Cluster
-from muster.client._scheduler import Scheduler
+from muster.client import Cluster, Scheduler
 from muster.client.fencing import fenced_update
 from muster.core.server import run_migrations
 

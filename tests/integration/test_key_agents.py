@@ -21,9 +21,8 @@ from harness import ServerProcess, error_reason, registry, wait_for
 
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.client import Cluster, keyfiles
+from muster.client import Cluster, KeyFingerprints, keyfiles
 from muster.client import errors as E
-from muster.client._keys import KeyFingerprints
 
 MASTER = os.urandom(32)
 ENV = {"MUSTER_MASTER_KEY": base64.b64encode(MASTER).decode(), "MUSTER_KEY_GRACE_PERIOD": "3s"}

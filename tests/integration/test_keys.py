@@ -12,9 +12,8 @@ import asyncpg
 import pytest
 from harness import ServerProcess, servers, wait_for
 
-from muster.client import Cluster, keyfiles
+from muster.client import Cluster, KeyFingerprints, LocalKeyFileError, keyfiles
 from muster.client import errors as E
-from muster.client._keys import KeyFingerprints, LocalKeyFileError
 from muster.keys import crypto
 
 MASTER = os.urandom(32)

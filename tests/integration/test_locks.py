@@ -22,9 +22,8 @@ from harness import ROOT, ServerProcess, error_reason, registry, servers, wait_f
 
 from muster.api.locks.v1 import locks_service_pb2 as lpb
 from muster.api.locks.v1 import locks_service_pb2_grpc
-from muster.client import Cluster
+from muster.client import Cluster, LeaseState, LockLostError, LockMode
 from muster.client import errors as E
-from muster.client._locks import LeaseState, LockLostError, LockMode
 
 SEC = timedelta(seconds=1)
 
@@ -308,7 +307,7 @@ import asyncio, sys, time
 from datetime import timedelta
 import asyncpg
 from muster.client import Cluster
-from muster.client._locks import LockLostError
+from muster.client import LockLostError
 ENTER = ("WITH ok AS (UPDATE resource SET fence = $1 WHERE id = 1 AND fence <= $1 RETURNING 1) "
          "INSERT INTO sections (token, phase, worker) SELECT $1, 'write', 'frozen' FROM ok RETURNING at")
 async def main(address, url):
@@ -532,7 +531,7 @@ async def test_a_claim_retried_after_its_answer_was_lost_gets_the_same_claim_bac
 
 
 async def test_two_schedulers_run_each_slot_of_an_interval_job_exactly_once(locks_server) -> None:
-    from muster.client._scheduler import Scheduler
+    from muster.client import Scheduler
 
     async with Cluster.connect(locks_server.address) as a, Cluster.connect(locks_server.address) as b:
         schedulers = [Scheduler(a, holder="node-a"), Scheduler(b, holder="node-b")]

@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from muster.client import ResolvedAddress, resolve_node_address
-from muster.client._address import AddressNotFoundError
+from muster.client import AddressNotFoundError, ResolvedAddress, resolve_node_address
 
 
 def _never(what: str) -> Callable[..., Sequence[str]]:

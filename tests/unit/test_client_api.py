@@ -13,8 +13,18 @@ from muster.core.errors import REASONS
 def test_public_names_are_pinned() -> None:
     assert sorted(client.__all__) == sorted(
         [
+            "AddressNotFoundError",
             "Agent",
             "AgentConfig",
+            "Firing",
+            "HeldLock",
+            "KeyFingerprints",
+            "LeaseState",
+            "LocalKeyFileError",
+            "LockLease",
+            "LockLostError",
+            "LockMode",
+            "Scheduler",
             "Candidate",
             "ClientConfig",
             "ClusterStatus",
@@ -53,7 +63,18 @@ def test_public_names_are_pinned() -> None:
         ]
     )
     for name in client.__all__:
-        assert getattr(client, name) is not None
+        assert hasattr(client, name), name
+
+
+def test_every_exception_of_the_client_is_in_errors() -> None:
+    """The exceptions a caller catches are all importable from muster.client.errors."""
+    import inspect
+
+    for name in client.__all__:
+        obj = getattr(client, name)
+        if inspect.isclass(obj) and issubclass(obj, Exception):
+            assert obj.__module__ == "muster.client.errors", name
+            assert name in errors.__all__, name
 
 
 def test_every_reason_of_the_contract_has_a_client_exception() -> None:

@@ -232,8 +232,7 @@ def _run(config: AgentConfig) -> int:
 
 
 async def _main(config: AgentConfig) -> int:
-    from muster.client import Agent, Cluster
-    from muster.client._address import AddressNotFoundError
+    from muster.client import AddressNotFoundError, Agent, Cluster
     from muster.client.errors import MusterError, NodeLimitReachedError
 
     loop = asyncio.get_running_loop()

@@ -312,7 +312,7 @@ def _which_node(node_id: int | None, state_dir: Path | None) -> int | tuple[Reso
     node_file = read_node_file(state_dir)
     if node_file is not None:
         return int(node_file["id"])
-    from muster.client._address import AddressNotFoundError, resolve_node_address
+    from muster.client import AddressNotFoundError, resolve_node_address
 
     where = (state_dir or default_state_dir()) / NODE_FILE
     port_text = os.environ.get("MUSTER_PORT") or str(DEFAULT_NODE_PORT)

@@ -17,6 +17,8 @@ from muster.client._agent import Agent, AgentConfig
 from muster.client._balancer import Candidate, ClusterStatus, Excluded, NodeSessions, Placement, Session
 from muster.client._cluster import Cluster, KeepAlive
 from muster.client._config import ClientConfig
+from muster.client._keys import KeyFingerprints
+from muster.client._locks import Firing, HeldLock, LeaseState, LockLease, LockMode
 from muster.client._models import Cluster as ClusterInfo
 from muster.client._models import (
     Event,
@@ -33,11 +35,22 @@ from muster.client._models import (
     Progress,
     Resync,
 )
+from muster.client._scheduler import Scheduler
 from muster.client._sync import SyncCluster, SyncClusterView, SyncWatch
 from muster.client._watch import ClusterView, ConnectionState, NodeChange, Watch, apply_to_nodes
-from muster.client.errors import MusterError
+from muster.client.errors import AddressNotFoundError, LocalKeyFileError, LockLostError, MusterError
 
 __all__ = [
+    "AddressNotFoundError",
+    "Firing",
+    "HeldLock",
+    "KeyFingerprints",
+    "LeaseState",
+    "LocalKeyFileError",
+    "LockLease",
+    "LockLostError",
+    "LockMode",
+    "Scheduler",
     "Candidate",
     "ClusterStatus",
     "Excluded",

@@ -18,6 +18,8 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from muster.client.errors import AddressNotFoundError
+
 _WILDCARDS = {"", "0.0.0.0", "::", "*"}
 _SIOCGIFADDR = 0x8915
 
@@ -35,10 +37,6 @@ class ResolvedAddress:
     def address(self) -> str:
         """``host:port`` (IPv6 in brackets)."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class AddressNotFoundError(RuntimeError):
-    """No strategy found an address (the reference status FAILED_TO_RESOLVE)."""
 
 
 def interface_ipv4_addresses() -> list[str]:

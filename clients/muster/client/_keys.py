@@ -14,7 +14,7 @@ from muster.api.keys.v1 import key_pb2
 from muster.api.keys.v1 import keys_service_pb2 as pb
 from muster.client import keyfiles
 from muster.client._channel import Endpoint
-from muster.client.errors import MusterError
+from muster.client.errors import LocalKeyFileError
 
 
 def _ts(ts: Any) -> datetime | None:
@@ -177,10 +177,6 @@ class KeySync:
     def changed(self) -> bool:
         """Whether any file was written or removed."""
         return bool(self.installed or self.promoted or self.retired or self.action in ("fetched", "defined"))
-
-
-class LocalKeyFileError(MusterError):
-    """A node's key files cannot be used (``reason``: INVALID_KEY_PERMISSIONS, ERROR_READING_LAUNCHER_KEY, …)."""
 
 
 class KeysApi:

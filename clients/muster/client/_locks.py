@@ -29,7 +29,14 @@ from muster.api.locks.v1 import locks_service_pb2 as pb
 from muster.client._channel import Endpoint, backoff
 from muster.client._lockstream import LockStream, StreamDown
 from muster.client._retry import call_again
-from muster.client.errors import LockHeldError, LockNotHeldError, MusterError, from_rpc_error, from_status
+from muster.client.errors import (
+    LockHeldError,
+    LockLostError,
+    LockNotHeldError,
+    MusterError,
+    from_rpc_error,
+    from_status,
+)
 
 if TYPE_CHECKING:
     pass
@@ -48,10 +55,6 @@ class LeaseState(enum.Enum):
     HELD = "held"
     IN_JEOPARDY = "in_jeopardy"
     LOST = "lost"
-
-
-class LockLostError(MusterError):
-    """The lease was lost while its body ran (the body was cancelled), or it is used after it was lost."""
 
 
 def _ts(ts: Any) -> datetime | None:

@@ -58,6 +58,9 @@ __all__ = [
     "ForgedSessionIdError",
     "StrategyUnavailableError",
     "InternalError",
+    "LockLostError",
+    "LocalKeyFileError",
+    "AddressNotFoundError",
     "from_rpc_error",
     "is_transient",
 ]
@@ -164,6 +167,18 @@ class LockNotHeldError(FailedPreconditionError):
 
 class StaleTokenError(AbortedError):
     """A newer fencing token was granted: the holder's writes must stop."""
+
+
+class LockLostError(MusterError):
+    """The lease was lost while its body ran (the body was cancelled), or it is used after it was lost."""
+
+
+class LocalKeyFileError(MusterError):
+    """A node's key files cannot be used (``reason``: INVALID_KEY_PERMISSIONS, ERROR_READING_LAUNCHER_KEY, …)."""
+
+
+class AddressNotFoundError(RuntimeError):
+    """No strategy found an address for the node (the reference status FAILED_TO_RESOLVE)."""
 
 
 class FiringClaimedError(AbortedError):
