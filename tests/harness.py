@@ -215,6 +215,7 @@ class Recorder:
     connections: int = 0
     state: dict[int, object] = field(default_factory=dict)
     sequence: list[tuple[str, int]] = field(default_factory=list)  # ("event" | "resync", revision) in order
+    received: list[float] = field(default_factory=list)  # time.monotonic() of every message
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watches until ``stop`` is set; on any stream error reconnects from ``through``."""
@@ -247,6 +248,7 @@ class Recorder:
 
     async def _consume(self, call) -> None:
         async for msg in call:
+            self.received.append(time.monotonic())
             kind = msg.WhichOneof("kind")
             if kind == "events":
                 for ev in msg.events.events:

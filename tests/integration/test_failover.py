@@ -256,11 +256,14 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         # read — and the watcher was resynced past them.
         assert len(written) < len(accepted) and not lost_tokens & set(written)
         assert any(r > survived for r in seen_before), (survived, max(seen_before))
+    # The longest the watcher went without a message across the failover (events flow all along).
+    gaps = [b - a for a, b in zip(watcher.received, watcher.received[1:], strict=False) if b > killed - 1]
     # What it took (printed for the closing note): death to SERVING, the longest lock wait.
     print(
         f"\nfailover ({'synchronous' if replicated.synchronous else 'asynchronous'}): primary killed, "
         f"promoted after {promoted - killed:.1f}s; every replica SERVING "
         f"{back - killed:.1f}s after the kill ({back - promoted:.1f}s after the promotion); longest lock "
-        f"wait {max(pauses)[0]:.1f}s; {len(grants)} grants, {len(written)} fenced writes survived; "
+        f"wait {max(pauses)[0]:.1f}s; longest watcher pause {max(gaps):.1f}s; "
+        f"{len(grants)} grants, {len(written)} fenced writes survived; "
         f"{len(slots)} job slots, {sum(len(t) > 1 for t in slots.values())} run again after the failover"
     )
