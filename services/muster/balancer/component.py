@@ -28,7 +28,7 @@ from muster.balancer.models import ROUTE_PURPOSE
 from muster.balancer.servicer import BalancerServicer
 from muster.balancer.store import Ask, BalancerStore, Placed
 from muster.balancer.view import NodeView, RouteKeys, StrategyCache
-from muster.core import events
+from muster.core import events, periodic
 from muster.core.batch import GroupCommit
 from muster.core.server import Runtime
 
@@ -166,26 +166,22 @@ class BalancerComponent:
                     log.warning("moving node %s's sessions failed: %s", node_id, type(exc).__name__)
 
     async def _sweep(self) -> None:
-        ttl = self._runtime.settings.placement_ttl
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                await self.store.expire_placed(ttl)
-                if self.view.ready:
-                    # A node the view shows not ONLINE, or has not shown for two sweeps (it may
-                    # have joined a moment ago), has its sessions moved.
-                    nodes = {n.id: n for n in await self.view.current_nodes()}
-                    absent = set()
-                    for node_id in await self.store.nodes_with_sessions():
-                        node = nodes.get(node_id)
-                        if node is None:
-                            absent.add(node_id)
-                            if node_id in self._absent:
-                                self._schedule_move(node_id)
-                        elif node.state != "ONLINE":
-                            self._schedule_move(node_id)
-                    self._absent = absent
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - next pass
-                log.debug("balancer sweep failed: %s", type(exc).__name__)
+        await periodic.every(SWEEP_INTERVAL, self._sweep_once, name="balancer sweep")
+
+    async def _sweep_once(self) -> None:
+        await self.store.expire_placed(self._runtime.settings.placement_ttl)
+        if not self.view.ready:
+            return
+        # A node the view shows not ONLINE, or has not shown for two sweeps (it may have joined a
+        # moment ago), has its sessions moved.
+        nodes = {n.id: n for n in await self.view.current_nodes()}
+        absent = set()
+        for node_id in await self.store.nodes_with_sessions():
+            node = nodes.get(node_id)
+            if node is None:
+                absent.add(node_id)
+                if node_id in self._absent:
+                    self._schedule_move(node_id)
+            elif node.state != "ONLINE":
+                self._schedule_move(node_id)
+        self._absent = absent

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from muster.core import auth, clock, config, db, events, metrics, migrate, telemetry
+from muster.core import auth, clock, config, db, events, metrics, migrate, periodic, telemetry
 from muster.core.config import Settings
 from muster.core.watch import Streams
 
@@ -147,19 +147,17 @@ async def _maintain(runtime: Runtime) -> None:
     s = runtime.settings
     loop = asyncio.get_running_loop()
     next_compaction = loop.time() + s.compaction_interval.total_seconds()
-    while True:
-        await asyncio.sleep(1.0)
-        try:
-            async with runtime.pool.acquire() as con, con.transaction():
-                await clock.tick(con, threshold=s.outage_threshold, cap=s.max_outage_credit)
-            runtime.bus.numberer.kick()
-            if loop.time() >= next_compaction:
-                next_compaction = loop.time() + s.compaction_interval.total_seconds()
-                await events.compact(runtime.pool, keep_events=s.event_retention_events, keep_for=s.event_retention)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the database may be down; next second
-            log.debug("maintenance failed: %s", type(exc).__name__)
+
+    async def once() -> None:
+        nonlocal next_compaction
+        async with runtime.pool.acquire() as con, con.transaction():
+            await clock.tick(con, threshold=s.outage_threshold, cap=s.max_outage_credit)
+        runtime.bus.numberer.kick()
+        if loop.time() >= next_compaction:
+            next_compaction = loop.time() + s.compaction_interval.total_seconds()
+            await events.compact(runtime.pool, keep_events=s.event_retention_events, keep_for=s.event_retention)
+
+    await periodic.every(1.0, once, name="maintenance")
 
 
 async def serve(

@@ -9,7 +9,6 @@ says otherwise. A node that stops being live may complete a rotation, so that tr
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
@@ -17,7 +16,7 @@ import grpc
 
 from muster.api.keys.v1 import keys_service_pb2, keys_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
-from muster.core import events
+from muster.core import events, periodic
 from muster.core.server import Runtime
 from muster.keys import crypto
 from muster.keys.errors import CookieKeyMismatchError, LauncherKeyMismatchError
@@ -119,14 +118,7 @@ class KeysComponent:
         return None
 
     async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                await self.store.sweep()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
-                log.debug("keys sweep failed: %s", type(exc).__name__)
+        await periodic.every(SWEEP_INTERVAL, self.store.sweep, name="keys sweep")
 
     async def _follow(self) -> None:
         """Applies the registry's node events to the keys service's list of live nodes."""

@@ -3,14 +3,13 @@ local waiters and releases the holds of nodes whose registry lease expired."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 
 from muster.api.locks.v1 import lock_pb2, locks_service_pb2, locks_service_pb2_grpc
 from muster.api.registry.v1 import node_pb2
-from muster.core import events
+from muster.core import events, periodic
 from muster.core.batch import GroupCommit
 from muster.core.server import Runtime
 from muster.locks import convert
@@ -55,14 +54,11 @@ class LocksComponent:
 
     async def _sweep(self) -> None:
         s = self._runtime.settings
-        while True:
-            await asyncio.sleep(s.lock_sweep_interval.total_seconds())
-            try:
-                await self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
-                log.debug("lock sweep failed: %s", type(exc).__name__)
+        await periodic.every(
+            s.lock_sweep_interval.total_seconds(),
+            lambda: self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit),
+            name="lock sweep",
+        )
 
     async def _follow(self) -> None:
         """Grants wake local waiters; nodes whose registry lease expired (or that were deleted) lose their locks."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
 
 from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-from muster.core import watch
+from muster.core import periodic, watch
 from muster.core.server import Runtime
 from muster.core.watch import WatchLimits
 from muster.registry import keycheck
@@ -87,11 +86,8 @@ class RegistryComponent:
     async def _reap(self) -> None:
         s = self._runtime.settings
         every = min(s.reap_interval.total_seconds(), s.heartbeat_interval.total_seconds() / 2)
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the database may be down; next pass
-                log.debug("reaper pass failed: %s", type(exc).__name__)
+        await periodic.every(
+            every,
+            lambda: self.store.sweep(outage_threshold=s.outage_threshold, max_credit=s.max_outage_credit),
+            name="reaper pass",
+        )
