@@ -19,6 +19,14 @@ bench:
 up:
 	.venv/bin/muster up
 
+# The PostgreSQL high-availability tests (README "PostgreSQL high availability"): a failover driven by
+# hand, PgBouncer in transaction mode, and Patroni failing over by itself. A missing peer (Debian's
+# postgresql, pgbouncer, patroni, etcd-server) fails here instead of skipping.
+.PHONY: ha
+ha:
+	MUSTER_REQUIRE_POSTGRES_PEERS=1 $(PY) -m pytest -q -s tests/integration/test_failover.py \
+		tests/integration/test_pgbouncer.py tests/integration/test_patroni.py
+
 # A long fault-injection run with the history checkers (tests/chaos/README.md): make chaos DURATION=10m SEED=42
 DURATION ?= 10m
 SEED ?=
