@@ -11,7 +11,9 @@ PostgreSQL server the tests skip, unless MUSTER_REQUIRE_POSTGRES_PEERS=1 (CI), w
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import tempfile
 import time
 from datetime import timedelta
@@ -26,7 +28,7 @@ from replicated import ReplicatedPostgres
 
 from muster.api.registry.v1 import node_pb2
 from muster.api.registry.v1 import registry_service_pb2 as pb
-from muster.client import Cluster, Scheduler
+from muster.client import Cluster, MusterError, Scheduler
 from muster.client.fencing import fenced_update
 from muster.core.server import run_migrations
 
@@ -51,7 +53,7 @@ async def _heartbeats(address: str, node: node_pb2.Node, stop: asyncio.Event) ->
         while not stop.is_set():
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Heartbeat(pb.HeartbeatRequest(node_id=node.id, lease_id=node.lease_id), timeout=1)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
 
 
 async def _serving_since(address: str, stop: asyncio.Event, seen: list[tuple[float, int]]) -> None:
@@ -103,6 +105,20 @@ async def _lock_worker(
         await pool.close()
 
 
+async def _placer(addresses: list[str], stop: asyncio.Event, placed: list) -> None:
+    """Places sessions one after another; a failed one is asked again with its request id."""
+    async with Cluster.connect(addresses) as cluster:
+        i = 0
+        while not stop.is_set():
+            try:
+                p = await cluster.place_session(f"user{i}", request_id=f"place-{i}")
+                placed.append((time.monotonic(), p.session.id, p.node_id))
+                i += 1
+                await asyncio.sleep(0.02)
+            except MusterError:
+                await asyncio.sleep(0.1)
+
+
 async def _scheduler(address: str, stop: asyncio.Event, ran: list) -> None:
     """A scheduler running a single-run job every second (the other scheduler races it)."""
     async with Cluster.connect(address) as cluster:
@@ -125,7 +141,14 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
     await con.execute("CREATE TABLE app_log (seq bigserial PRIMARY KEY, token bigint NOT NULL, writer text)")
     await con.close()
 
-    with servers(url, 2) as regs, servers(url, 2, service="locks") as lockers:
+    key = {"MUSTER_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
+    # Leases of 4 s (heartbeats every 0.5 s): long enough that a loaded machine does not expire a
+    # node that heartbeats, short enough that the 4.5 s outage outlasts them.
+    timing = {"MUSTER_HEARTBEAT_INTERVAL": "500ms", "MUSTER_CHECK_IN_WINDOW": "1500ms", "MUSTER_LEASE_TTL": "4s"}
+    with (
+        servers(url, 2, env={**key, **timing}, service="registry,keys,balancer") as regs,
+        servers(url, 2, env=timing, service="locks") as lockers,
+    ):
         addresses = [s.address for s in regs]
         async with registry(addresses[0]) as stub:
             nodes = [(await stub.JoinNode(pb.JoinNodeRequest(host=f"f{i}", port=1))).node for i in range(6)]
@@ -139,6 +162,8 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         tasks += [asyncio.create_task(_serving_since(a, watch_stop, seen)) for a, seen in health.items()]
         tasks.append(asyncio.create_task(watcher.run(watch_stop)))
         ran: list = []
+        placed: list = []
+        tasks.append(asyncio.create_task(_placer(addresses, stop, placed)))
         tasks += [asyncio.create_task(_scheduler(lk.address, stop, ran)) for lk in lockers]
         tasks += [
             asyncio.create_task(_lock_worker([lockers[i % 2].address], url, f"w{i}", stop, grants, pauses, errors))
@@ -153,21 +178,24 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
                     )
                 )
         await wait_for(lambda: len(grants) >= 20, timeout=30, what="lock traffic before the failover")
-        n_held = len(grants)
+        held = time.monotonic()
         if not replicated.synchronous:
             # The standby stops receiving; what is acknowledged from here on is lost in the failover.
             replicated.hold_replication()
+            held = time.monotonic() + 0.5  # (an answer in flight when the senders stopped may have made it)
+        n_held = len(grants)
+        if not replicated.synchronous:
             n_ran = len(ran)
             await wait_for(
                 lambda: len(grants) >= n_held + 10 and len(ran) > n_ran,
                 timeout=30,
                 what="grants and a job run the standby will not have",
             )
-        lost_tokens = {t for _, t, _, _ in grants[n_held:]}
+        lost_tokens = {t for got, t, _, _ in grants[n_held:] if got > held}
         seen_before = {ev.revision for ev in watcher.events}
         killed = time.monotonic()
         await asyncio.to_thread(replicated.primary.kill)
-        await asyncio.sleep(2.5)  # longer than a lease (1.5 s): only the outage credit keeps them
+        await asyncio.sleep(4.5)  # longer than a lease (4 s): only the outage credit keeps them
         await asyncio.to_thread(replicated.promote)
         promoted = time.monotonic()
 
@@ -206,6 +234,15 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         log = {r["revision"]: r for r in await con.fetch("SELECT revision, kind, payload FROM core.events")}
         expired = await con.fetchval("SELECT count(*) FROM registry.nodes WHERE state_reason = 'LEASE_EXPIRED'")
         written = [r["token"] for r in await con.fetch("SELECT token FROM app_log ORDER BY seq")]
+        sessions = {r["id"] for r in await con.fetch("SELECT id FROM balancer.sessions")}
+        counts = {
+            r["node_id"]: (r["counted"], r["stored"])
+            for r in await con.fetch(
+                "SELECT c.node_id, c.sessions AS counted, "
+                "(SELECT count(*) FROM balancer.sessions s WHERE s.node_id = c.node_id) AS stored "
+                "FROM balancer.node_counts c"
+            )
+        }
     finally:
         await con.close()
 
@@ -245,6 +282,16 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
             assert len(tokens) == 1, (slot, tokens)
     every = [s for s in sorted(slots) if s <= max(slots) - timedelta(seconds=3)]  # not the ones cut by the stop
     assert all((b - a) == timedelta(seconds=1) for a, b in zip(every, every[1:], strict=False)), "a slot never ran"
+    # Placements: the counts a placement is decided on agree with the sessions stored (no node can
+    # be overcommitted by counts that lost a write); each acknowledged placement is stored once;
+    # with synchronous replication every one survived.
+    assert all(counted == stored for counted, stored in counts.values()), counts
+    ids = [sid for _, sid, _ in placed]
+    assert len(ids) == len(set(ids)) and any(t > killed for t, _, _ in placed)
+    if replicated.synchronous:
+        assert set(ids) <= sessions, set(ids) - sessions
+    else:  # asynchronous: a standby lags, so what survived is a prefix of unknown length
+        assert sessions & set(ids)
     accepted = [t for _, t, _, ok in sorted(grants) if ok]
     if replicated.synchronous:
         # Nothing acknowledged is lost: every accepted fenced write, every event the watcher read.
@@ -265,5 +312,6 @@ async def test_a_failover_under_load_keeps_leases_tokens_and_the_event_stream(re
         f"{back - killed:.1f}s after the kill ({back - promoted:.1f}s after the promotion); longest lock "
         f"wait {max(pauses)[0]:.1f}s; longest watcher pause {max(gaps):.1f}s; "
         f"{len(grants)} grants, {len(written)} fenced writes survived; "
-        f"{len(slots)} job slots, {sum(len(t) > 1 for t in slots.values())} run again after the failover"
+        f"{len(placed)} placements, {len(slots)} job slots, "
+        f"{sum(len(t) > 1 for t in slots.values())} run again after the failover"
     )

@@ -293,9 +293,15 @@ class EventBus:
                 if not rows:
                     return
                 events = [_to_event(r) for r in rows]
-                if events[0].revision != self.head + 1:
-                    self._cache.clear()  # compacted under us: streams behind read from the table
-                self._cache.extend(events)
+                # The cache is indexed by offset from its first revision, so it stays contiguous: a
+                # batch may cross an epoch's jump (the old epoch's survivors, then the new floor's
+                # events), and only what follows the last jump is kept.
+                jump = next(
+                    (i for i in range(len(events) - 1, 0, -1) if events[i].revision != events[i - 1].revision + 1), 0
+                )
+                if events[0].revision != self.head + 1 or jump:
+                    self._cache.clear()  # compacted under us, or a jump: streams behind read from the table
+                self._cache.extend(events[jump:])
                 if len(self._cache) > 2 * self._cache_size:
                     del self._cache[: len(self._cache) - self._cache_size]
                 self.head = events[-1].revision
@@ -362,7 +368,8 @@ class EventBus:
             return []
         if self._cache and self._cache[0].revision <= after + 1:
             start = after + 1 - self._cache[0].revision
-            return self._cache[start : start + limit]
+            if start < len(self._cache) and self._cache[start].revision == after + 1:
+                return self._cache[start : start + limit]
         async with self._pool.acquire() as con:
             rows = await con.fetch(READ_EVENTS, after, head, limit)
         return [_to_event(r) for r in rows]
