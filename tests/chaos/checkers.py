@@ -1111,6 +1111,15 @@ def check_processes(run: Run) -> Verdict:
     internal = [r for recs in run.clients.values() for r in recs if r.get("error") == "InternalError"]
     for r in internal[:5]:
         v.notes.append(f"a client got INTERNAL (from the transport, not a server handler): {r}")
+    # Every replica answers its health check after the faults (a stuck event loop answers nothing,
+    # and its clients time out on it without end).
+    for name, status in sorted(run.params.get("replica_health", {}).items()):
+        if status != "SERVING":
+            stacks = run.workdir / "logs" / f"{name}.stacks"
+            v.fail(
+                f"{name} is {status} after the faults were healed and the cluster settled",
+                stacks.read_text()[:1500] if stacks.exists() else "(no stacks: py-spy is not installed)",
+            )
     settle = run.params.get("settle", {})
     if settle.get("pending"):
         v.fail(f"the cluster did not settle within the bound after the faults: {settle['pending']}")

@@ -246,6 +246,7 @@ def finish(cluster: ChaosCluster, params: dict[str, Any], faults: FaultLog, sett
     faults.say(f"settled in {waited:.1f}s" + (f"; still not settled: {pending}" if pending else ""))
     cluster.capture_keys()
     params["settle"] = {"seconds": waited, "pending": pending}
+    params["replica_health"] = probe_replicas(cluster)
     for a in cluster.agents:
         if not a.running:
             cluster.agent_exits.append(cluster.exit_of(a))
@@ -262,6 +263,33 @@ def finish(cluster: ChaosCluster, params: dict[str, Any], faults: FaultLog, sett
     params["proxy_stats"] = cluster.proxy.stats() if cluster.proxy else {}
     save_params(cluster.workdir, params)
     faults.say(f"final revision {final['head_revision']} (watchers asked to stop at {first['head_revision']})")
+
+
+def probe_replicas(cluster: ChaosCluster) -> dict[str, str]:
+    """Each replica's health after the settle, asked directly (not through a proxy): SERVING, another
+    status, or NO ANSWER (a replica whose event loop is stuck answers nothing). For a replica that
+    does not answer, its Python stacks go to logs/<replica>.stacks when py-spy is installed."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out: dict[str, str] = {}
+    for r in cluster.replicas:
+        if r.server is None or not r.up:
+            out[r.name] = "NOT RUNNING"
+            continue
+        try:
+            with grpc.insecure_channel(r.server.address) as ch:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            out[r.name] = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            out[r.name] = f"NO ANSWER ({exc.code().name})"
+            spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+            if spy and r.server.pid:
+                import subprocess
+
+                dump = subprocess.run([spy, "dump", "--pid", str(r.server.pid)], capture_output=True, text=True)
+                (cluster.logs / f"{r.name}.stacks").write_text(dump.stdout + dump.stderr)
+    return out
 
 
 def consistent_snapshot(url: str, tries: int = 20) -> dict[str, Any]:
