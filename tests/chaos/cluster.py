@@ -371,7 +371,9 @@ class ChaosCluster:
         env.update({"GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()})
         if skew:
             # The wall clock is far off; the monotonic clock (leases, deadlines) is left alone.
-            cmd = [faketime, "-f", skew, *cmd]
+            # faketime runs the client as its child: the client too dies with its parent, or a kill
+            # of a client that did not finish (by its pid: faketime's) would leave it running.
+            cmd = [faketime, "-f", skew, *_pdeathsig(cmd)]
             env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         err = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
         try:

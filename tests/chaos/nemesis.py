@@ -36,7 +36,7 @@ KINDS: dict[str, int] = {
 # Kinds injected at least once per run: when none of the first ENSURE_BY faults drew one, the next
 # fault is it (decided by the fault's index, not the clock, so a seed still fixes the sequence).
 ENSURE = ("failover",)
-ENSURE_BY = 3
+ENSURE_BY = 1
 # Seconds a fault takes beyond its drawn duration (the failover's base backup of the new standby):
 # the last fault must fit before the end of the run.
 EXTRA = {"failover": 3.0}
