@@ -238,10 +238,24 @@ def check_stream(run: Run) -> Verdict:
     if not final:
         v.fail("no final database state was recorded")
         return v
-    # The log itself: revisions 1..head, every one present, none left un-numbered.
-    missing = sorted(set(range(1, head + 1)) - set(db))
-    if missing:
-        v.fail(f"the event log has holes: revisions {missing[:10]} are missing below head {head}")
+    # The log itself: gap-free inside each epoch, none left un-numbered. A failover opens a new epoch
+    # (README "PostgreSQL high availability"): its revisions start above timeline << 40, so the log
+    # jumps from what survived of the epoch before to the new floor. That jump is the guarantee, not a
+    # hole: inside an epoch every revision is present, and nothing is numbered between two epochs.
+    epochs = _epochs(final, head)
+    floors = [lo for lo, _ in epochs]
+    for lo, hi in epochs:
+        present = sum(1 for r in db if lo < r <= hi)
+        if present == hi - lo:
+            continue
+        if hi - lo > len(db) + 10_000:
+            v.fail(f"the epoch from revision {lo + 1} to {hi} spans {hi - lo} revisions; the log holds {present}")
+            continue
+        missing = [r for r in range(lo + 1, hi + 1) if r not in db][:10]
+        v.fail(f"the event log has holes: revisions {missing} are missing in the epoch {lo + 1}..{hi}")
+    outside = sorted(r for r in db if not any(lo < r <= hi for lo, hi in epochs))
+    if outside:
+        v.fail(f"revisions outside every epoch (between an epoch's survivors and the next floor): {outside[:10]}")
     if final.get("unnumbered", [{"n": 0}])[0]["n"]:
         v.fail(f"{final['unnumbered'][0]['n']} committed events were never numbered")
     checked = 0
@@ -250,7 +264,7 @@ def check_stream(run: Run) -> Verdict:
         kinds = set(cfg.get("kinds") or [])
         if cfg.get("mode") == "raw":
             _check_raw_stream(v, name, recs, db)
-        seen, segments = _check_delivery(v, name, recs, db, bool(kinds))
+        seen, segments = _check_delivery(v, name, recs, db, bool(kinds), floors)
         fin = next((r for r in recs if r.get("op") == "final"), None)
         if fin is None:
             v.fail(f"{name}: no final record (the watcher died or was killed)", *recs[-3:])
@@ -282,15 +296,45 @@ def check_stream(run: Run) -> Verdict:
         checked += 1
     if checked == 0:
         v.fail("no watcher history")
-    v.summary = f"{checked} watchers, log head {head}, {len(events)} events"
+    v.summary = f"{checked} watchers, log head {head}, {len(events)} events" + (
+        f", {len(epochs)} epochs (floors {', '.join(str(f) for f in floors)})" if len(epochs) > 1 else ""
+    )
     return v
 
 
+def _epochs(final: dict[str, Any], head: int) -> list[tuple[int, int]]:
+    """The epochs of the final log as (floor, last revision): each ends where what survived of it on
+    the next epoch's primary ends (``core.epochs.survived_revision``), the last at the head. A run
+    recorded before epochs (or without a failover) is one epoch from 0."""
+    rows = sorted(final.get("epochs") or [{"floor": 0, "survived_revision": 0}], key=lambda e: e["floor"])
+    if rows[0]["floor"] != 0:
+        rows.insert(0, {"floor": 0, "survived_revision": 0})
+    out = []
+    for i, e in enumerate(rows):
+        end = rows[i + 1]["survived_revision"] if i + 1 < len(rows) else head
+        out.append((int(e["floor"]), int(end)))
+    return out
+
+
+def _epoch_of(floors: list[int], rev: int, *, resync: bool = False) -> int:
+    """The index of the epoch a revision belongs to (an event above its floor; a Resync's revision
+    may be the floor itself: a new epoch's head before its first event)."""
+    return (bisect.bisect_right(floors, rev) if resync else bisect.bisect_left(floors, rev)) - 1
+
+
 def _check_delivery(
-    v: Verdict, name: str, recs: list[dict[str, Any]], db: dict[int, dict[str, Any]], filtered: bool
+    v: Verdict,
+    name: str,
+    recs: list[dict[str, Any]],
+    db: dict[int, dict[str, Any]],
+    filtered: bool,
+    floors: list[int] | None = None,
 ) -> tuple[set[int], list[tuple[int, int]]]:
-    """In order, no duplicates, no gaps (unfiltered), content as in the log. Returns the revisions seen
+    """In order, no duplicates, no gaps (unfiltered), content as in the log; a watcher crosses into a
+    new epoch only through a Resync at or above its floor (filtered or not). Returns the revisions seen
     and the segments (after each Resync) they cover."""
+    floors = floors or [0]
+    epoch, epoch_rec = None, None
     last, last_rec = None, None
     seen: set[int] = set()
     segments: list[list[int]] = []
@@ -304,8 +348,21 @@ def _check_delivery(
                 v.fail(f"{name}: a Resync went back in time ({r['rev']} after revision {last})", last_rec, r)
             last, last_rec = r["rev"], r
             segments.append([r["rev"], r["rev"]])
+            if not by_conn:
+                epoch, epoch_rec = _epoch_of(floors, r["rev"], resync=True), r
         elif op == "event":
             rev = r["rev"]
+            if not by_conn:  # (the raw stream: per connection, in _check_raw_stream)
+                e = _epoch_of(floors, rev)
+                if epoch is not None and e > epoch:
+                    v.fail(
+                        f"{name}: revision {rev} of the epoch from {floors[e] + 1} delivered without a Resync "
+                        f"after the earlier epoch's revisions (a failover must resync a watcher behind the floor)",
+                        epoch_rec,
+                        r,
+                    )
+                if epoch is None or e > epoch:
+                    epoch, epoch_rec = e, r
             if by_conn:
                 pass  # the raw stream's order is checked per connection; a replay after a reconnect is legal there
             elif last is not None and rev <= last:
@@ -515,10 +572,16 @@ def check_locks(run: Run) -> Verdict:
     # 5. The log's own account: grants in revision order carry increasing tokens, one holder at a time.
     holder: dict[str, Any] | None = None
     ends = {lid: min(e["rev"] for e in evs) for lid, evs in released_events.items()}
+    # Across a failover tokens jump (strictly increasing still): a grant numbered in an epoch carries
+    # a token above that epoch's floor, above every token of an earlier epoch, lost or not.
+    floors = [lo for lo, _ in _epochs(run.final, run.final.get("head_revision") or 0)]
     prev_token = 0
     for rev, token, lid in sorted(grants):
         if token <= prev_token:
             v.fail(f"LockGranted at revision {rev} carries token {token}, not above the previous grant's {prev_token}")
+        floor = floors[max(0, _epoch_of(floors, rev))]
+        if token <= floor:
+            v.fail(f"LockGranted at revision {rev} carries token {token}, not above its epoch's floor {floor}")
         prev_token = max(prev_token, token)
         if holder is not None and ends.get(holder["lease_id"], 1 << 62) > rev:
             v.fail(
@@ -651,6 +714,9 @@ def _job_excuse(run: Run, at: float, misfire: float, schedulers: list[str]) -> s
         return "every scheduler was frozen"
     if any(f["kind"] == "pg_restart" and f["start"] <= at and f["end"] >= at + misfire for f in run.faults):
         return "the database was down for the whole misfire threshold"
+    # A failover: no primary from the kill until the promotion (the rebuild after it is no excuse).
+    if any(f["kind"] == "failover" and f["start"] <= at and f.get("promoted", 0) >= at + misfire for f in run.faults):
+        return "no primary for the whole misfire threshold (a failover)"
     return ""
 
 
@@ -1045,6 +1111,15 @@ def check_processes(run: Run) -> Verdict:
     internal = [r for recs in run.clients.values() for r in recs if r.get("error") == "InternalError"]
     for r in internal[:5]:
         v.notes.append(f"a client got INTERNAL (from the transport, not a server handler): {r}")
+    # Every replica answers its health check after the faults (a stuck event loop answers nothing,
+    # and its clients time out on it without end).
+    for name, status in sorted(run.params.get("replica_health", {}).items()):
+        if status != "SERVING":
+            stacks = run.workdir / "logs" / f"{name}.stacks"
+            v.fail(
+                f"{name} is {status} after the faults were healed and the cluster settled",
+                stacks.read_text()[:1500] if stacks.exists() else "(no stacks: py-spy is not installed)",
+            )
     settle = run.params.get("settle", {})
     if settle.get("pending"):
         v.fail(f"the cluster did not settle within the bound after the faults: {settle['pending']}")

@@ -1,5 +1,6 @@
-"""The cluster under test: an embedded PostgreSQL it owns, server replicas, node agents, workload
-clients, and the proxies between every client and every replica.
+"""The cluster under test: a PostgreSQL it owns (an embedded one, or a primary and a synchronous
+streaming standby of Debian's PostgreSQL when the nemesis fails the database over), server replicas,
+node agents, workload clients, and the proxies between every client and every replica.
 
 Everything is a process this object started and stops by its pid. The orchestrator is synchronous:
 blocking here (a replica restarting, PostgreSQL coming back) stalls nobody else, because the
@@ -178,8 +179,14 @@ class Client:
 class ChaosCluster:
     """Starts, faults and stops the whole cluster under ``workdir``."""
 
-    def __init__(self, workdir: Path, *, replicas: int = 2, log_level: str = "INFO") -> None:
+    def __init__(self, workdir: Path, *, replicas: int = 2, log_level: str = "INFO", replicated: bool = False) -> None:
         self.workdir = workdir
+        # A primary and a standby (tests/replicated.py) instead of the embedded PostgreSQL: what the
+        # failover fault needs. Synchronous replication, so nothing acknowledged is lost in a failover
+        # and every checker's "nothing acknowledged lost" stays a guarantee.
+        self.replicated = replicated
+        self.pair: Any = None
+        self._url = ""
         self.logs = workdir / "logs"
         self.history = workdir / "history"
         for d in (self.logs, self.history):
@@ -206,27 +213,94 @@ class ChaosCluster:
     # -- database ------------------------------------------------------------------------------
 
     def start_database(self) -> None:
+        if self.replicated:
+            self._start_pair()
+            return
         from muster.core.embedded import EmbeddedPostgres
 
         self.pg = EmbeddedPostgres(
             self.workdir / "pg" / "data", port=_free_port(), fsync=False, log_file=self.logs / "postgres.log"
         )
         self.pg.start()
-        run_sql(self.pg.url, RESOURCE_SCHEMA, fetch=False)
+        self._url = str(self.pg.url)
+        run_sql(self._url, RESOURCE_SCHEMA, fetch=False)
+
+    def _start_pair(self) -> None:
+        from replicated import ReplicatedPostgres
+
+        missing = missing_server()
+        if missing:
+            raise SetupError(missing)
+        root = self.workdir / "pg"
+        root.mkdir()
+        self.pair = ReplicatedPostgres(root, synchronous=True)
+        self.pair.start()
+        # A standby retries its primary every 5 s by default: after every restart of the primary its
+        # synchronous commits would hang that long. And a base backup starts with a checkpoint spread
+        # over most of checkpoint_timeout: under the workload a rebuild took 40 s; checkpoints at full
+        # speed take a second (fsync is off anyway). Set before any base backup, so a rebuilt standby
+        # (whose configuration is the primary's) has it too.
+        for server in (self.pair.primary, self.pair.standby):
+            server.sql("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
+            server.sql("ALTER SYSTEM SET checkpoint_completion_target = 0")
+            server.sql("SELECT pg_reload_conf()")
+        # Both hosts, fixed for the run (a server keeps its port when it changes role); every replica,
+        # client and checker connects through it and lands on whichever is primary.
+        self._url = str(self.pair.url)
+        run_sql(self._url, RESOURCE_SCHEMA, fetch=False)
 
     @property
     def database_url(self) -> str:
-        return str(self.pg.url)
+        return self._url
+
+    @property
+    def database_name(self) -> str:
+        """What a restart restarts: the embedded server, or the pair's current primary."""
+        return _server_name(self.pair.primary) if self.pair is not None else "postgres"
 
     def stop_database(self, mode: str) -> None:
-        self.pg.stop(mode)
+        if self.pair is None:
+            self.pg.stop(mode)
+        elif mode == "immediate":
+            self.pair.primary.kill()
+        else:
+            self.pair.primary.stop()
 
     def start_database_again(self) -> None:
-        self.pg.start(timeout=60)
+        if self.pair is None:
+            self.pg.start(timeout=60)
+        else:
+            self.pair.primary.start(timeout=60)
 
     @property
     def database_up(self) -> bool:
+        if self.pair is not None:
+            return _server_running(self.pair.primary)
         return bool(self.pg is not None and self.pg.running)
+
+    # -- failover (the replicated pair only) -----------------------------------------------------
+
+    def kill_primary(self) -> str:
+        """An immediate stop of the primary, as if its machine died; returns its name."""
+        name = _server_name(self.pair.primary)
+        self.pair.primary.kill()
+        return name
+
+    def promote_standby(self) -> dict[str, Any]:
+        """Promotes the standby (the new primary, on a new timeline); returns its name and timeline."""
+        self.pair.promote()
+        # The timeline WAL is written on now (pg_control_checkpoint() lags until the next checkpoint).
+        timeline = self.pair.primary.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        return {"new_primary": _server_name(self.pair.primary), "timeline": int(timeline or "0", 16)}
+
+    def rebuild_standby(self) -> None:
+        """The dead old primary, made a streaming (synchronous) standby of the new one: a later
+        failover can happen again."""
+        self.pair.rebuild_standby()
+
+    @property
+    def standby_up(self) -> bool:
+        return self.pair is None or _server_running(self.pair.standby)
 
     # -- replicas ------------------------------------------------------------------------------
 
@@ -297,7 +371,9 @@ class ChaosCluster:
         env.update({"GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()})
         if skew:
             # The wall clock is far off; the monotonic clock (leases, deadlines) is left alone.
-            cmd = [faketime, "-f", skew, *cmd]
+            # faketime runs the client as its child: the client too dies with its parent, or a kill
+            # of a client that did not finish (by its pid: faketime's) would leave it running.
+            cmd = [faketime, "-f", skew, *_pdeathsig(cmd)]
             env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
         err = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
         try:
@@ -346,6 +422,9 @@ class ChaosCluster:
         if not self.database_up:
             self.start_database_again()
             done.append("started PostgreSQL")
+        if not self.standby_up:
+            self.rebuild_standby()
+            done.append("rebuilt the standby")
         for r in self.replicas:
             if r.paused and r.server is not None:
                 r.server.signal(signal.SIGCONT)
@@ -435,10 +514,41 @@ class ChaosCluster:
         if self.pg is not None:
             with contextlib.suppress(Exception):
                 self.pg.stop("fast")
+        if self.pair is not None:
+            with contextlib.suppress(Exception):
+                self.pair.stop()
+            # Into logs/, where the key-leak check reads every PostgreSQL log.
+            for server in (self.pair.primary, self.pair.standby):
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(server.log, self.logs / f"postgres-{server.data.name}.log")
         self._nowhere.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class SetupError(RuntimeError):
+    """The cluster cannot be set up on this machine (a missing peer): exit 2 with this message."""
+
+
+def missing_server() -> str:
+    """Why the replicated pair cannot run here ("" when it can)."""
+    from replicated import _BIN_ROOT
+
+    if any(_BIN_ROOT.glob("*/bin/postgres")) and any(_BIN_ROOT.glob("*/bin/pg_basebackup")):
+        return ""
+    return (
+        "the failover fault needs Debian's PostgreSQL server for a primary and a streaming standby "
+        f"(no {_BIN_ROOT}/*/bin/postgres): apt-get install postgresql, or run without the fault: --faults failover=0"
+    )
+
+
+def _server_name(server: Any) -> str:
+    return f"pg-{server.data.name}"
+
+
+def _server_running(server: Any) -> bool:
+    return server.proc is not None and server.proc.poll() is None
 
 
 def _pythonpath() -> str:

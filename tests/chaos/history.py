@@ -122,6 +122,8 @@ SNAPSHOT = {
         "FROM keys.nodes n LEFT JOIN keys.node_acks a USING (node_id) GROUP BY n.node_id, n.live"
     ),
     "now": "SELECT extract(epoch FROM clock_timestamp()) AS now",
+    # One row per epoch (per timeline the database wrote on): its floor and what survived of the one before.
+    "epochs": "SELECT timeline, floor, survived_revision FROM core.epochs ORDER BY floor",
 }
 
 

@@ -31,7 +31,31 @@ KINDS: dict[str, int] = {
     "pause_scheduler": 1,
     "pg_restart": 2,
     "partition": 3,
+    "failover": 2,
 }
+# Kinds injected at least once per run: when none of the first ENSURE_BY faults drew one, the next
+# fault is it (decided by the fault's index, not the clock, so a seed still fixes the sequence).
+ENSURE = ("failover",)
+ENSURE_BY = 1
+# Seconds a fault takes beyond its drawn duration (the failover's base backup of the new standby):
+# the last fault must fit before the end of the run.
+EXTRA = {"failover": 3.0}
+
+
+def weights(spec: str | None, *, base: dict[str, int] | None = None) -> dict[str, int]:
+    """The fault weights: ``base`` (KINDS) with ``kind=N,kind=N`` applied (``failover=0`` turns it off)."""
+    out = dict(base or KINDS)
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        kind, _, n = part.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS or not n.strip().isdigit():
+            raise ValueError(f"not a fault weight: {part!r} (kind=N, kinds: {', '.join(KINDS)})")
+        out[kind] = int(n)
+    if not any(out.values()):
+        raise ValueError("every fault weight is 0")
+    return out
 
 
 class FaultLog:
@@ -61,15 +85,25 @@ class Nemesis:
         self.cluster = cluster
         self.rng = random.Random(seed)
         self.log = log
-        self.kinds = kinds or KINDS
+        kinds = {k: w for k, w in (kinds or KINDS).items() if w > 0}
+        if kinds.get("failover") and not cluster.replicated:
+            raise ValueError("the failover fault needs a replicated pair: ChaosCluster(replicated=True)")
+        self.kinds = kinds
 
     def run(self, until: float, *, warmup: float = 1.0) -> None:
         time.sleep(warmup)
+        drawn: set[str] = set()
+        n = 0
         while True:
             gap = self.rng.uniform(0.3, 2.0)
             kind = self.rng.choices(list(self.kinds), weights=list(self.kinds.values()))[0]
+            missing = [k for k in ENSURE if k in self.kinds and k not in drawn]
+            if n >= ENSURE_BY and missing:
+                kind = missing[0]
+            drawn.add(kind)
+            n += 1
             plan = self._plan(kind)
-            if time.monotonic() + gap + plan["duration"] > until:
+            if time.monotonic() + gap + plan["duration"] + EXTRA.get(kind, 0.0) > until:
                 break
             self.cluster.capture_keys()
             time.sleep(gap)
@@ -91,6 +125,10 @@ class Nemesis:
             return {"target": r.random(), "duration": r.uniform(1.3, 2.0) * JOB_TTL}
         if kind == "pg_restart":
             return {"mode": r.choice(["fast", "immediate"]), "duration": r.uniform(0.3, 3.0)}
+        if kind == "failover":
+            # duration: from the primary's death to the promotion (the time a failover manager takes to
+            # notice and act), below and above the outage threshold and the lease ttl.
+            return {"duration": r.uniform(0.2, 3.5)}
         if kind == "partition":
             return {
                 "target": r.random(),
@@ -204,14 +242,45 @@ class Nemesis:
 
     def _pg_restart(self, plan: dict[str, Any]) -> None:
         c = self.cluster
+        # On the replicated pair, "the database" is the current primary; its standby stays up.
         self._window(
             "pg_restart",
-            "postgres",
+            c.database_name,
             plan,
             lambda: c.stop_database(plan["mode"]),
             c.start_database_again,
             mode=plan["mode"],
         )
+
+    def _failover(self, plan: dict[str, Any]) -> None:
+        """The primary dies (an immediate stop), the standby is promoted ``duration`` later (a new
+        timeline: Muster opens a new epoch), then the dead primary is rebuilt as the new standby
+        (a fresh base backup, synchronous again) so that a later failover can happen too.
+
+        Recorded: ``start`` (the kill), ``healed`` (the promotion asked), ``promoted`` (the new primary
+        writable), ``rebuilt`` / ``end`` (the standby streaming again), the new timeline."""
+        c = self.cluster
+        old = c.database_name
+        assert c.pair is not None
+        new = f"pg-{c.pair.standby.data.name}"
+
+        def promote_and_rebuild() -> dict[str, Any]:
+            t = time.monotonic()
+            info = c.promote_standby()
+            promoted = time.monotonic()
+            self.log.say(f"  promoted {info['new_primary']} (timeline {info['timeline']}) in {promoted - t:.2f}s")
+            c.rebuild_standby()
+            rebuilt = time.monotonic()
+            return {
+                **info,
+                "promoted": promoted,
+                "rebuilt": rebuilt,
+                "promote_s": round(promoted - t, 3),
+                "rebuild_s": round(rebuilt - promoted, 3),
+                "standby": old,
+            }
+
+        self._window("failover", old, plan, c.kill_primary, promote_and_rebuild, mode="immediate", to=new)
 
     def _partition(self, plan: dict[str, Any]) -> None:
         c = self.cluster

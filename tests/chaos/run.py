@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # run as a script: python tests/chaos/run.py
 from muster.client._watch import NODE_EVENT_KINDS
 
 from . import checkers
-from .cluster import LEASE_TTL, ChaosCluster
+from .cluster import LEASE_TTL, ChaosCluster, SetupError
 from .history import Run, snapshot
-from .nemesis import JOB_TTL, LOCK_TTL, FaultLog, Nemesis
+from .nemesis import JOB_TTL, KINDS, LOCK_TTL, FaultLog, Nemesis, weights
 
 LOCK_NAME = "chaos-hot"
 JOB = "chaos-tick"
@@ -66,7 +66,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="INFO", help="the servers' MUSTER_LOG_LEVEL (default INFO)")
     p.add_argument("--check", type=Path, default=None, metavar="DIR", help="only run the checkers on a kept run")
     p.add_argument("--quiet", action="store_true", help="no line per fault")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--faults",
+        default="",
+        metavar="KIND=N,…",
+        help="fault weights over the defaults ("
+        + ", ".join(f"{k}={w}" for k, w in KINDS.items())
+        + "); failover=0 runs on the embedded PostgreSQL, without Debian's server",
+    )
+    args = p.parse_args(argv)
+    try:
+        args.weights = weights(args.faults)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
-    cluster = ChaosCluster(workdir, log_level=args.log_level)
+    # The failover fault needs a primary and a standby; without it the embedded PostgreSQL will do.
+    replicated = args.weights.get("failover", 0) > 0
+    cluster = ChaosCluster(workdir, log_level=args.log_level, replicated=replicated)
     t0 = time.monotonic()
     faults = FaultLog(workdir / "history" / "nemesis.jsonl", t0, quiet=args.quiet)
     setup_ok = broke = False
     try:
         params = setup(cluster, args, seed, faults)
         setup_ok = True
-        nemesis = Nemesis(cluster, seed, faults)
+        nemesis = Nemesis(cluster, seed, faults, args.weights)
         nemesis.run(params["until"])
         remaining = params["until"] - time.monotonic()
         if remaining > 0:
@@ -101,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         finish(cluster, params, faults, args.settle)
     except SystemExit:
         raise
+    except SetupError as exc:
+        cluster.stop()
+        print(f"chaos: the cluster could not be set up: {exc}", flush=True)
+        return 2
     except Exception as exc:  # noqa: BLE001 - report, stop everything, keep the directory
         import traceback
 
@@ -122,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup(cluster: ChaosCluster, args: argparse.Namespace, seed: int, faults: FaultLog) -> dict[str, Any]:
-    faults.say(f"starting PostgreSQL, the proxy, 2 replicas and {args.agents} agents in {cluster.workdir}")
+    db = "a primary and a synchronous standby (Debian's PostgreSQL)" if cluster.replicated else "PostgreSQL"
+    faults.say(f"starting {db}, the proxy, 2 replicas and {args.agents} agents in {cluster.workdir}")
     cluster.start_database()
     cluster.start_proxy()
     for r in cluster.replicas:
@@ -136,6 +156,8 @@ def setup(cluster: ChaosCluster, args: argparse.Namespace, seed: int, faults: Fa
         "seed": seed,
         "seconds": args.seconds,
         "until": until,
+        "weights": args.weights,
+        "database": "replicated-synchronous" if cluster.replicated else "embedded",
         "clock": {"wall": time.time(), "mono": time.monotonic()},
         "lock_name": LOCK_NAME,
         "job": JOB,
@@ -224,6 +246,7 @@ def finish(cluster: ChaosCluster, params: dict[str, Any], faults: FaultLog, sett
     faults.say(f"settled in {waited:.1f}s" + (f"; still not settled: {pending}" if pending else ""))
     cluster.capture_keys()
     params["settle"] = {"seconds": waited, "pending": pending}
+    params["replica_health"] = probe_replicas(cluster)
     for a in cluster.agents:
         if not a.running:
             cluster.agent_exits.append(cluster.exit_of(a))
@@ -240,6 +263,33 @@ def finish(cluster: ChaosCluster, params: dict[str, Any], faults: FaultLog, sett
     params["proxy_stats"] = cluster.proxy.stats() if cluster.proxy else {}
     save_params(cluster.workdir, params)
     faults.say(f"final revision {final['head_revision']} (watchers asked to stop at {first['head_revision']})")
+
+
+def probe_replicas(cluster: ChaosCluster) -> dict[str, str]:
+    """Each replica's health after the settle, asked directly (not through a proxy): SERVING, another
+    status, or NO ANSWER (a replica whose event loop is stuck answers nothing). For a replica that
+    does not answer, its Python stacks go to logs/<replica>.stacks when py-spy is installed."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out: dict[str, str] = {}
+    for r in cluster.replicas:
+        if r.server is None or not r.up:
+            out[r.name] = "NOT RUNNING"
+            continue
+        try:
+            with grpc.insecure_channel(r.server.address) as ch:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+            out[r.name] = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            out[r.name] = f"NO ANSWER ({exc.code().name})"
+            spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+            if spy and r.server.pid:
+                import subprocess
+
+                dump = subprocess.run([spy, "dump", "--pid", str(r.server.pid)], capture_output=True, text=True)
+                (cluster.logs / f"{r.name}.stacks").write_text(dump.stdout + dump.stderr)
+    return out
 
 
 def consistent_snapshot(url: str, tries: int = 20) -> dict[str, Any]:

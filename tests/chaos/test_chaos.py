@@ -1,7 +1,8 @@
 """The chaos run as a test: a short run with a fixed seed, failing when any checker finds a violation.
 
-It owns its cluster (its own PostgreSQL, which the nemesis stops and restarts; never the shared test
-database) and runs as a separate process, so nothing of it shares the test's event loop. About 45 s:
+It owns its cluster (its own PostgreSQL — a primary and a synchronous standby of Debian's server,
+which the nemesis restarts and fails over — never the shared test database) and runs as a separate
+process, so nothing of it shares the test's event loop. About 45 s:
 30 s of faults, plus setting up, settling and checking. ``MUSTER_CHAOS_SEED`` and
 ``MUSTER_CHAOS_SECONDS`` change the run; the longer runs are ``make chaos`` (see README.md here).
 """
