@@ -350,3 +350,120 @@ async def test_every_balancer_command_has_help() -> None:
         out = (await muster(*args, "--help")).ok()
         assert out.startswith("Usage: muster "), out
         assert len(out.splitlines()) > 4, out
+
+
+# -- a node's sessions: one count in every command and refusal ----------------------------------------
+
+
+async def test_a_nodes_sessions_are_the_balancers_in_every_command(database_url: str) -> None:
+    """Issue 19, as an operator meets it: placements on three nodes; `list-nodes` counts what
+    `muster sessions` lists (placed and started alike, an adopted session once); a drained node keeps
+    its count; `delete-node` refuses an ONLINE node with sessions and `--force` moves them to the other
+    nodes exactly once (their old ids routed to the new nodes), or ends them where none can take them."""
+    server = ServerProcess(database_url, ["registry,keys,balancer"], env=server_env()).start()
+
+    async def cli(*args: str, admin: bool = False) -> Result:
+        return await muster(*args, "--address", server.address, env=AS_ADMIN if admin else AS_NODE)
+
+    async def listed_counts() -> dict[int, int]:
+        doc = json.loads((await cli("list-nodes", "--json")).ok())
+        return {n["id"]: n["sessions"] for n in doc["nodes"]}
+
+    async def sessions_by_node() -> tuple[list[dict[str, object]], dict[int, int]]:
+        listed = json.loads((await cli("sessions", "--json")).ok())
+        counts: dict[int, int] = {}
+        for s in listed:
+            counts[int(s["node_id"])] = counts.get(int(s["node_id"]), 0) + 1  # type: ignore[call-overload]
+        return listed, counts
+
+    try:
+        async with Cluster.connect(server.address, token=ADMIN_TOKEN) as cluster:
+            leases = [await cluster.join_node(f"10.0.1.{i}", 8787, load=L1) for i in (1, 2, 3)]
+            id1, id2, id3 = (x.node_id for x in leases)
+            beating = {x.node_id: (x, L1) for x in leases}
+            async with heartbeating(cluster, beating):
+                await status_when(
+                    cluster, lambda s: sum(not n.offline and not n.unreachable for n in s.nodes) == 3, "three nodes"
+                )
+                for i in range(9):
+                    (await cli("place", "--user", f"user{i}")).ok()
+                listed, by_node = await sessions_by_node()
+                assert by_node == {id1: 3, id2: 3, id3: 3}, by_node
+                assert await listed_counts() == by_node  # placed, not started: counted all the same
+
+                # Started ones stay counted once; an adopted session (started without placement,
+                # reported by its node) counts once too, although the agent reports it as well.
+                on1 = [s for s in listed if s["node_id"] == id1]
+                await cluster.report_session_started(id1, str(on1[0]["id"]), pid=4242, user=str(on1[0]["user"]))
+                await cluster.report_session_started(id1, "adopted-session.n1", pid=4343, user="root")
+                beating[id1] = (leases[0], Load(0.45, 0.66, 0.32, 4, 2))  # the agent reports its 2 started ones
+                listed, by_node = await sessions_by_node()
+                assert by_node == {id1: 4, id2: 3, id3: 3}, by_node
+                assert await listed_counts() == by_node
+                table = (await cli("list-nodes")).ok().splitlines()
+                assert table[0].split()[-1] == "Sessions"
+                assert {int(line.split()[0]): int(line.split()[-1]) for line in table[1:]} == by_node, table
+
+                # node-status shows both counts when the agent's own differs, and says who misses reports.
+                async def agent_reports_two() -> str | None:
+                    out = (await cli("node-status", str(id1))).ok()
+                    return out if "agent reports 2" in out else None
+
+                out = await wait_for(agent_reports_two, timeout=10, interval=0.3, what="node 1's heartbeat count")
+                line = next(x for x in out.splitlines() if x.strip().startswith("Sessions"))
+                assert line.split()[1] == "4" and "2 placed, not started yet" in line, line
+                assert "the agent is missing reports" in line, line
+                doc = json.loads((await cli("node-status", str(id1), "--json")).ok())
+                assert (doc["sessions"], doc["placed_sessions"], doc["reported_sessions"]) == (4, 2, 2), doc
+
+                # The status view: pid - user for started sessions, a line for each placed one.
+                status_out = (await cli("status")).ok().splitlines()
+                at = status_out.index(next(x for x in status_out if x.startswith("10.0.1.1:8787")))
+                node1_lines = status_out[at + 1 : at + 5]
+                assert sorted(x.split(" - ")[0].strip() for x in node1_lines) == ["4242", "4343", "placed", "placed"]
+
+                # A drained node keeps its sessions, and its count.
+                (await cli("offline", str(id3), admin=True)).ok()
+                assert (await listed_counts())[id3] == 3
+
+                # delete-node refuses an ONLINE node with sessions, naming how many and `muster offline`.
+                err = (await cli("delete-node", str(id1), admin=True)).one_error_line()
+                assert "4 sessions" in err and f"muster offline {id1}" in err, err
+                assert (await listed_counts())[id1] == 4
+
+                # --force moves them to the other nodes as a failover does, exactly once.
+                (await cli("online", str(id3), admin=True)).ok()
+                before = {str(s["id"]) for s in listed if s["node_id"] == id1}
+                out = (await cli("delete-node", str(id1), "--force", admin=True)).ok()
+                assert out.splitlines()[0] == f"Node {id1} deleted.", out
+                assert "4 sessions moved to other nodes" in out, out
+                del beating[id1]
+                listed, by_node = await sessions_by_node()
+                assert sum(by_node.values()) == 10 and set(by_node) == {id2, id3}, by_node
+                moved = [s for s in listed if s["moved_from"] in before]
+                assert sorted(str(s["moved_from"]) for s in moved) == sorted(before)  # each once, none lost
+                for old in before - {"adopted-session.n1"}:  # (an adopted id is not signed: not routable)
+                    out = (await cli("route", old)).ok()
+                    new_id = out.split()[0]
+                    assert new_id != old and f"(moved from {old})" in out, out
+                    assert [s["id"] for s in moved if s["moved_from"] == old] == [new_id]
+                assert await listed_counts() == by_node
+                await asyncio.sleep(2.5)  # a failover sweep (every 2 s) moves nothing twice
+                assert (await sessions_by_node())[1] == by_node
+
+                # Where no other node can take them (node 3 drained), they end, and the output says so.
+                (await cli("offline", str(id3), admin=True)).ok()
+                n2 = by_node[id2]
+                out = (await cli("delete-node", str(id2), "--force", "--json", admin=True)).ok()
+                doc = json.loads(out)
+                assert (doc["sessions"], doc["moved_sessions"], doc["ended_sessions"]) == (n2, 0, n2), doc
+                del beating[id2]
+                assert (await sessions_by_node())[1] == {id3: by_node[id3]}
+                assert await listed_counts() == {id3: by_node[id3]}
+                err = (await cli("delete-node", str(id3), admin=True)).one_error_line()  # drained, still ONLINE
+                assert f"{by_node[id3]} sessions" in err, err
+                out = (await cli("delete-node", str(id3), "--force", admin=True)).ok()
+                assert f"{by_node[id3]} sessions ended: no other node could take them" in out, out
+                assert (await sessions_by_node())[1] == {}
+    finally:
+        server.stop()
