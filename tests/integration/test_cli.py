@@ -48,6 +48,8 @@ NODE_KEYS = {
     "last_seen",
     "load",
     "sessions",
+    "placed_sessions",
+    "reported_sessions",
     "message",
     "details",
 }

@@ -8,7 +8,7 @@ import logging
 import grpc
 
 from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-from muster.core import watch
+from muster.core import metrics, watch
 from muster.core.server import Runtime
 from muster.core.watch import WatchLimits
 from muster.registry import keycheck, sessions
@@ -53,6 +53,11 @@ class RegistryComponent:
     async def start(self) -> None:
         self.servicer.key_checker = self._key_checker()
         self.servicer.sessions = self.view.sessions = self._sessions()
+        metrics.observe(
+            "muster.node.sessions",
+            "The nodes' sessions (the balancer's, not ended), by state: placed or started",
+            self.view.session_totals,
+        )
         await self.view.start()
         self._runtime.spawn(self._reap(), "muster-reaper")
 

@@ -470,6 +470,7 @@ class NodeView:
             batch = await self._bus.read(applied, min(_READ_LIMIT, self.revision - applied))
             if not batch or batch[0].revision != applied + 1:
                 log.warning("node view: the events after %d are gone; counting again", applied)
+                self._recount_at = time.monotonic()
                 return
             for ev in batch:
                 if ev.revision > self.revision:
@@ -549,6 +550,11 @@ class NodeView:
     def total_sessions(self) -> int:
         """Every node's sessions as of :attr:`revision`."""
         return sum(c[0] for c in self._counts.values())
+
+    def session_totals(self) -> list[tuple[float, dict[str, str]]]:
+        """The ``muster.node.sessions`` gauge: the nodes' sessions, placed and started (0 before the view loads)."""
+        placed = sum(c[1] for c in self._counts.values())
+        return [(placed, {"state": "placed"}), (self.total_sessions() - placed, {"state": "started"})]
 
     def _apply(self, ev: StoredEvent) -> None:
         kind = ev.kind
