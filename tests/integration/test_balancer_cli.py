@@ -467,3 +467,53 @@ async def test_a_nodes_sessions_are_the_balancers_in_every_command(database_url:
                 assert (await sessions_by_node())[1] == {}
     finally:
         server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_registry_apart_from_the_balancer_counts_and_moves_through_its_api(database_url: str) -> None:
+    """`muster serve` one service per process: the registry learns the sessions from the balancer's
+    CountSessions and events, and a forced delete moves them through its EvacuateNode, over gRPC."""
+    reg_port, bal_port = _free_port(), _free_port()
+    reg, bal = f"127.0.0.1:{reg_port}", f"127.0.0.1:{bal_port}"
+    env = server_env()
+    registry = ServerProcess(
+        database_url, ["registry,keys"], env={**env, "MUSTER_LISTEN": reg, "MUSTER_BALANCER_ADDRESS": bal}
+    ).start()
+    balancer = None
+    try:
+        balancer = ServerProcess(
+            database_url,
+            ["balancer"],
+            env={**env, "MUSTER_LISTEN": bal, "MUSTER_REGISTRY_ADDRESS": reg, "MUSTER_KEYS_ADDRESS": reg},
+        ).start()
+        async with Cluster.connect(reg, token=ADMIN_TOKEN) as cluster, Cluster.connect(bal, token=ADMIN_TOKEN) as b:
+            leases = [await cluster.join_node(f"10.0.2.{i}", 8787, load=L1) for i in (1, 2)]
+            id1, id2 = (x.node_id for x in leases)
+            async with heartbeating(cluster, {x.node_id: (x, L1) for x in leases}):
+                await status_when(b, lambda s: sum(not n.offline for n in s.nodes) == 2, "the balancer's two nodes")
+                for i in range(4):
+                    (await muster("place", "--user", f"u{i}", "--address", bal, env=AS_NODE)).ok()
+
+                async def counted() -> dict[int, int] | None:
+                    out = await muster("list-nodes", "--json", "--address", reg, env=AS_NODE)
+                    counts = {n["id"]: n["sessions"] for n in json.loads(out.ok())["nodes"]}
+                    return counts if counts == {id1: 2, id2: 2} else None
+
+                # (the registry started before the balancer: it asks again for the counts within seconds)
+                await wait_for(counted, timeout=20, interval=0.3, what="the registry counting the balancer's sessions")
+                err = (await muster("delete-node", str(id1), "--address", reg, env=AS_ADMIN)).one_error_line()
+                assert "2 sessions" in err, err
+                out = (await muster("delete-node", str(id1), "--force", "--address", reg, env=AS_ADMIN)).ok()
+                assert "2 sessions moved to other nodes" in out, out
+                sessions = await b.list_sessions()
+                assert [s.node_id for s in sessions] == [id2] * 4
+                assert sum(1 for s in sessions if s.moved_from) == 2
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        registry.stop()
