@@ -306,13 +306,14 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         if node is None:
             raise NodeNotFoundError(node_id)
         count = self._view.session_count(node_id)
+        refusing = count
         if self.sessions is None:
             # No balancer to ask (none in this process, no balancer_address): what the node's agent
             # reports is then all this registry can know, and a node is never deleted under it.
-            count = max(count, node.load.session_count)
+            refusing = max(count, node.load.session_count)
         online = node.state == node_pb2.Node.STATE_ONLINE
-        if online and count > 0 and not request.force:
-            raise NodeHasSessionsError(node_id, count)
+        if online and refusing > 0 and not request.force:
+            raise NodeHasSessionsError(node_id, refusing)
         moved = ended = 0
         if count > 0 and self.sessions is not None:
             moved, ended = await self.sessions.evacuate(node_id)
