@@ -14,9 +14,11 @@ import base64
 import contextlib
 import json
 import os
+import select
 import shlex
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -517,3 +519,64 @@ async def test_a_registry_apart_from_the_balancer_counts_and_moves_through_its_a
         if balancer is not None:
             balancer.stop()
         registry.stop()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+async def test_reset_cluster_says_how_many_sessions_will_end_and_ends_them(database_url: str) -> None:
+    server = ServerProcess(database_url, ["registry,keys,balancer"], env=server_env()).start()
+    try:
+        async with Cluster.connect(server.address, token=ADMIN_TOKEN) as cluster:
+            lease = await cluster.join_node("10.0.3.1", 8787, load=L1)
+            async with heartbeating(cluster, {lease.node_id: (lease, L1)}):
+                await status_when(cluster, lambda s: any(not n.offline for n in s.nodes), "the balancer's node")
+                placed = await cluster.place_session("alice")
+                await cluster.place_session("bob")
+                await cluster.report_session_started(lease.node_id, placed.session.id, pid=7, user="alice")
+                master, slave = os.openpty()
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *MUSTER,
+                        "reset-cluster",
+                        "--address",
+                        server.address,
+                        stdin=slave,
+                        stdout=slave,
+                        stderr=slave,
+                        env=_env(AS_ADMIN),
+                    )
+                    os.close(slave)
+                    slave = -1
+                    prompt = await asyncio.to_thread(_read_until, master, b"[y/N]", 20.0)
+                    assert b"This removes 1 node and the cluster definition, keys included; 2 sessions will end" in (
+                        prompt.replace(b"\r\n", b" ").replace(b"\n", b" ")
+                    ), prompt
+                    os.write(master, b"y\n")
+                    rest = await asyncio.to_thread(_read_until, master, b"\x00never\x00", 5.0)
+                    async with asyncio.timeout(20):
+                        assert await proc.wait() == 0, rest
+                finally:
+                    os.close(master)
+                    if slave >= 0:
+                        os.close(slave)
+
+            async def ended() -> bool:
+                return await cluster.list_sessions() == []
+
+            await wait_for(ended, timeout=15, interval=0.2, what="every session ended by the reset")
+    finally:
+        server.stop()
