@@ -74,6 +74,7 @@ _PLACED, _STARTED, _MOVED, _ENDED = (
 _SESSION_KINDS = frozenset({_PLACED, _STARTED, _MOVED, _ENDED})
 _PLACED_STATE = balancer_pb2.Session.STATE_PLACED
 _RECOUNT_EVERY = 5.0  # seconds between attempts to get the balancer's counts when it could not answer
+_COUNT_TIMEOUT = 3.0  # how long a (re-)load waits for the balancer's counts
 _READ_LIMIT = 5_000
 _REFRESH_SLACK = timedelta(seconds=1)
 
@@ -199,6 +200,7 @@ class NodeView:
         self._counts: dict[int, list[int]] = {}
         self.counts_from: int | None = None  # the revision the balancer's counts were taken at (None: not yet)
         self._recount_at = float("-inf")
+        self._counting: asyncio.Future[tuple[list[tuple[int, int, int]], int] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class NodeView:
 
     async def stop(self) -> None:
         """Stops following; waiting callers get UNAVAILABLE."""
+        if self._counting is not None:
+            self._counting.cancel()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -422,10 +426,16 @@ class NodeView:
                 )
                 return
             if self.counts_from is None and self.sessions is not None:
-                counted = await self._balancer_counts()
-                if counted is not None:
-                    await self._rebase(*counted)
-                    self._wake()
+                # Asked in the background (a balancer that does not answer must not hold up the
+                # view's events); taken here, between batches, when it has answered.
+                if self._counting is None:
+                    if time.monotonic() - self._recount_at >= _RECOUNT_EVERY:
+                        self._counting = asyncio.ensure_future(self._balancer_counts())
+                elif self._counting.done():
+                    counted, self._counting = self._counting.result(), None
+                    if counted is not None:
+                        await self._rebase(*counted)
+                        self._wake()
             await self._bus.wait(self.revision, 1.0)
             batch = await self._bus.read(self.revision, _READ_LIMIT)
             if not batch:
@@ -449,7 +459,8 @@ class NodeView:
         if self.sessions is None or time.monotonic() - self._recount_at < _RECOUNT_EVERY:
             return None
         try:
-            return await self.sessions.counts()  # type: ignore[no-any-return]
+            async with asyncio.timeout(_COUNT_TIMEOUT):
+                return await self.sessions.counts()  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001 - the balancer may be down: counts from events until it answers
             self._recount_at = time.monotonic()
             log.warning(
