@@ -329,7 +329,11 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         return pb.EvacuateNodeResponse(moved=moved, ended=ended)
 
     async def evacuate(self, node_id: int, *, end_stranded: bool) -> tuple[int, int]:
-        """Moves a node's sessions to the other candidates (never onto itself), ending the stranded ones."""
+        """Moves a node's sessions to the other candidates (never onto itself), ending the stranded ones.
+
+        Only from a view known to be current (else UNAVAILABLE, before anything moves or ends): a
+        view that has not loaded, or stalled, would see no candidate and end sessions that could move."""
+        await self._view.current_nodes()
         await self._keys.get()
         return await self._store.evacuate(
             node_id, self._view.candidates, self._keys.signing_key(), end_stranded=end_stranded
