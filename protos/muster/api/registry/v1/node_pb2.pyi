@@ -360,7 +360,7 @@ class Load(_message.Message):
     cpu_count: _builtins.int
     """Number of CPUs."""
     session_count: _builtins.int
-    """Number of active sessions."""
+    """Sessions its agent reports (what the agent saw; a node's sessions are `Node.sessions`)."""
     def __init__(
         self,
         *,
