@@ -14,9 +14,11 @@ import base64
 import contextlib
 import json
 import os
+import select
 import shlex
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,3 +352,231 @@ async def test_every_balancer_command_has_help() -> None:
         out = (await muster(*args, "--help")).ok()
         assert out.startswith("Usage: muster "), out
         assert len(out.splitlines()) > 4, out
+
+
+# -- a node's sessions: one count in every command and refusal ----------------------------------------
+
+
+async def test_a_nodes_sessions_are_the_balancers_in_every_command(database_url: str) -> None:
+    """Issue 19, as an operator meets it: placements on three nodes; `list-nodes` counts what
+    `muster sessions` lists (placed and started alike, an adopted session once); a drained node keeps
+    its count; `delete-node` refuses an ONLINE node with sessions and `--force` moves them to the other
+    nodes exactly once (their old ids routed to the new nodes), or ends them where none can take them."""
+    server = ServerProcess(database_url, ["registry,keys,balancer"], env=server_env()).start()
+
+    async def cli(*args: str, admin: bool = False) -> Result:
+        return await muster(*args, "--address", server.address, env=AS_ADMIN if admin else AS_NODE)
+
+    async def listed_counts() -> dict[int, int]:
+        doc = json.loads((await cli("list-nodes", "--json")).ok())
+        return {n["id"]: n["sessions"] for n in doc["nodes"]}
+
+    async def sessions_by_node() -> tuple[list[dict[str, object]], dict[int, int]]:
+        listed = json.loads((await cli("sessions", "--json")).ok())
+        counts: dict[int, int] = {}
+        for s in listed:
+            counts[int(s["node_id"])] = counts.get(int(s["node_id"]), 0) + 1  # type: ignore[call-overload]
+        return listed, counts
+
+    try:
+        async with Cluster.connect(server.address, token=ADMIN_TOKEN) as cluster:
+            leases = [await cluster.join_node(f"10.0.1.{i}", 8787, load=L1) for i in (1, 2, 3)]
+            id1, id2, id3 = (x.node_id for x in leases)
+            beating = {x.node_id: (x, L1) for x in leases}
+            async with heartbeating(cluster, beating):
+                await status_when(
+                    cluster, lambda s: sum(not n.offline and not n.unreachable for n in s.nodes) == 3, "three nodes"
+                )
+                for i in range(9):
+                    (await cli("place", "--user", f"user{i}")).ok()
+                listed, by_node = await sessions_by_node()
+                assert by_node == {id1: 3, id2: 3, id3: 3}, by_node
+                assert await listed_counts() == by_node  # placed, not started: counted all the same
+
+                # Started ones stay counted once; an adopted session (started without placement,
+                # reported by its node) counts once too, although the agent reports it as well.
+                on1 = [s for s in listed if s["node_id"] == id1]
+                await cluster.report_session_started(id1, str(on1[0]["id"]), pid=4242, user=str(on1[0]["user"]))
+                await cluster.report_session_started(id1, "adopted-session.n1", pid=4343, user="root")
+                beating[id1] = (leases[0], Load(0.45, 0.66, 0.32, 4, 2))  # the agent reports its 2 started ones
+                listed, by_node = await sessions_by_node()
+                assert by_node == {id1: 4, id2: 3, id3: 3}, by_node
+                assert await listed_counts() == by_node
+                table = (await cli("list-nodes")).ok().splitlines()
+                assert table[0].split()[-1] == "Sessions"
+                assert {int(line.split()[0]): int(line.split()[-1]) for line in table[1:]} == by_node, table
+
+                # node-status shows both counts when the agent's own differs, and says who misses reports.
+                async def agent_reports_two() -> str | None:
+                    out = (await cli("node-status", str(id1))).ok()
+                    return out if "agent reports 2" in out else None
+
+                out = await wait_for(agent_reports_two, timeout=10, interval=0.3, what="node 1's heartbeat count")
+                line = next(x for x in out.splitlines() if x.strip().startswith("Sessions"))
+                assert line.split()[1] == "4" and "2 placed, not started yet" in line, line
+                assert "the agent is missing reports" in line, line
+                doc = json.loads((await cli("node-status", str(id1), "--json")).ok())
+                assert (doc["sessions"], doc["placed_sessions"], doc["reported_sessions"]) == (4, 2, 2), doc
+
+                # The status view: pid - user for started sessions, a line for each placed one.
+                status_out = (await cli("status")).ok().splitlines()
+                at = status_out.index(next(x for x in status_out if x.startswith("10.0.1.1:8787")))
+                node1_lines = status_out[at + 1 : at + 5]
+                assert sorted(x.split(" - ")[0].strip() for x in node1_lines) == ["4242", "4343", "placed", "placed"]
+
+                # A drained node keeps its sessions, and its count.
+                (await cli("offline", str(id3), admin=True)).ok()
+                assert (await listed_counts())[id3] == 3
+
+                # delete-node refuses an ONLINE node with sessions, naming how many and `muster offline`.
+                err = (await cli("delete-node", str(id1), admin=True)).one_error_line()
+                assert "4 sessions" in err and f"muster offline {id1}" in err, err
+                assert (await listed_counts())[id1] == 4
+
+                # --force moves them to the other nodes as a failover does, exactly once.
+                (await cli("online", str(id3), admin=True)).ok()
+                before = {str(s["id"]) for s in listed if s["node_id"] == id1}
+                out = (await cli("delete-node", str(id1), "--force", admin=True)).ok()
+                assert out.splitlines()[0] == f"Node {id1} deleted.", out
+                assert "4 sessions moved to other nodes" in out, out
+                del beating[id1]
+                listed, by_node = await sessions_by_node()
+                assert sum(by_node.values()) == 10 and set(by_node) == {id2, id3}, by_node
+                moved = [s for s in listed if s["moved_from"] in before]
+                assert sorted(str(s["moved_from"]) for s in moved) == sorted(before)  # each once, none lost
+                for old in before - {"adopted-session.n1"}:  # (an adopted id is not signed: not routable)
+                    out = (await cli("route", old)).ok()
+                    new_id = out.split()[0]
+                    assert new_id != old and f"(moved from {old})" in out, out
+                    assert [s["id"] for s in moved if s["moved_from"] == old] == [new_id]
+                assert await listed_counts() == by_node
+                await asyncio.sleep(2.5)  # a failover sweep (every 2 s) moves nothing twice
+                assert (await sessions_by_node())[1] == by_node
+
+                # Where no other node can take them (node 3 drained), they end, and the output says so.
+                (await cli("offline", str(id3), admin=True)).ok()
+                n2 = by_node[id2]
+                out = (await cli("delete-node", str(id2), "--force", "--json", admin=True)).ok()
+                doc = json.loads(out)
+                assert (doc["sessions"], doc["moved_sessions"], doc["ended_sessions"]) == (n2, 0, n2), doc
+                del beating[id2]
+                assert (await sessions_by_node())[1] == {id3: by_node[id3]}
+                assert await listed_counts() == {id3: by_node[id3]}
+                err = (await cli("delete-node", str(id3), admin=True)).one_error_line()  # drained, still ONLINE
+                assert f"{by_node[id3]} sessions" in err, err
+                out = (await cli("delete-node", str(id3), "--force", admin=True)).ok()
+                assert f"{by_node[id3]} sessions ended: no other node could take them" in out, out
+                assert (await sessions_by_node())[1] == {}
+    finally:
+        server.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_registry_apart_from_the_balancer_counts_and_moves_through_its_api(database_url: str) -> None:
+    """`muster serve` one service per process: the registry learns the sessions from the balancer's
+    CountSessions and events, and a forced delete moves them through its EvacuateNode, over gRPC."""
+    reg_port, bal_port = _free_port(), _free_port()
+    reg, bal = f"127.0.0.1:{reg_port}", f"127.0.0.1:{bal_port}"
+    env = server_env()
+    registry = ServerProcess(
+        database_url, ["registry,keys"], env={**env, "MUSTER_LISTEN": reg, "MUSTER_BALANCER_ADDRESS": bal}
+    ).start()
+    balancer = None
+    try:
+        balancer = ServerProcess(
+            database_url,
+            ["balancer"],
+            env={**env, "MUSTER_LISTEN": bal, "MUSTER_REGISTRY_ADDRESS": reg, "MUSTER_KEYS_ADDRESS": reg},
+        ).start()
+        async with Cluster.connect(reg, token=ADMIN_TOKEN) as cluster, Cluster.connect(bal, token=ADMIN_TOKEN) as b:
+            leases = [await cluster.join_node(f"10.0.2.{i}", 8787, load=L1) for i in (1, 2)]
+            id1, id2 = (x.node_id for x in leases)
+            async with heartbeating(cluster, {x.node_id: (x, L1) for x in leases}):
+                await status_when(b, lambda s: sum(not n.offline for n in s.nodes) == 2, "the balancer's two nodes")
+                for i in range(4):
+                    (await muster("place", "--user", f"u{i}", "--address", bal, env=AS_NODE)).ok()
+
+                async def counted() -> dict[int, int] | None:
+                    out = await muster("list-nodes", "--json", "--address", reg, env=AS_NODE)
+                    counts = {n["id"]: n["sessions"] for n in json.loads(out.ok())["nodes"]}
+                    return counts if counts == {id1: 2, id2: 2} else None
+
+                # (the registry started before the balancer: it asks again for the counts within seconds)
+                await wait_for(counted, timeout=20, interval=0.3, what="the registry counting the balancer's sessions")
+                err = (await muster("delete-node", str(id1), "--address", reg, env=AS_ADMIN)).one_error_line()
+                assert "2 sessions" in err, err
+                out = (await muster("delete-node", str(id1), "--force", "--address", reg, env=AS_ADMIN)).ok()
+                assert "2 sessions moved to other nodes" in out, out
+                sessions = await b.list_sessions()
+                assert [s.node_id for s in sessions] == [id2] * 4
+                assert sum(1 for s in sessions if s.moved_from) == 2
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        registry.stop()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while marker not in buf and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+async def test_reset_cluster_says_how_many_sessions_will_end_and_ends_them(database_url: str) -> None:
+    server = ServerProcess(database_url, ["registry,keys,balancer"], env=server_env()).start()
+    try:
+        async with Cluster.connect(server.address, token=ADMIN_TOKEN) as cluster:
+            lease = await cluster.join_node("10.0.3.1", 8787, load=L1)
+            async with heartbeating(cluster, {lease.node_id: (lease, L1)}):
+                await status_when(cluster, lambda s: any(not n.offline for n in s.nodes), "the balancer's node")
+                placed = await cluster.place_session("alice")
+                await cluster.place_session("bob")
+                await cluster.report_session_started(lease.node_id, placed.session.id, pid=7, user="alice")
+                master, slave = os.openpty()
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *MUSTER,
+                        "reset-cluster",
+                        "--address",
+                        server.address,
+                        stdin=slave,
+                        stdout=slave,
+                        stderr=slave,
+                        env=_env(AS_ADMIN),
+                    )
+                    os.close(slave)
+                    slave = -1
+                    prompt = await asyncio.to_thread(_read_until, master, b"[y/N]", 20.0)
+                    assert b"This removes 1 node and the cluster definition, keys included; 2 sessions will end" in (
+                        prompt.replace(b"\r\n", b" ").replace(b"\n", b" ")
+                    ), prompt
+                    os.write(master, b"y\n")
+                    rest = await asyncio.to_thread(_read_until, master, b"\x00never\x00", 5.0)
+                    async with asyncio.timeout(20):
+                        assert await proc.wait() == 0, rest
+                finally:
+                    os.close(master)
+                    if slave >= 0:
+                        os.close(slave)
+
+            async def ended() -> bool:
+                return await cluster.list_sessions() == []
+
+            await wait_for(ended, timeout=15, interval=0.2, what="every session ended by the reset")
+    finally:
+        server.stop()

@@ -48,6 +48,8 @@ NODE_KEYS = {
     "last_seen",
     "load",
     "sessions",
+    "placed_sessions",
+    "reported_sessions",
     "message",
     "details",
 }
@@ -313,7 +315,10 @@ async def test_list_nodes_table_and_json_agree_on_every_status(database_url: str
     }
     assert {i: (n["status"], n["health"], n["mode"]) for i, n in by_id.items()} == want
     assert by_id[busy.node_id]["load"] == {"load1": 0.5, "load5": 0.25, "load15": 0.125, "cpu_count": 4}
-    assert by_id[busy.node_id]["sessions"] == 2 and by_id[idle.node_id]["sessions"] == 0
+    # A node's sessions are the balancer's (none here: no session was placed or reported to it);
+    # what the agent reports in its heartbeats is shown apart.
+    assert by_id[busy.node_id]["sessions"] == 0 and by_id[busy.node_id]["reported_sessions"] == 2
+    assert by_id[idle.node_id]["sessions"] == 0 and by_id[idle.node_id]["reported_sessions"] == 0
     assert by_id[busy.node_id]["address"] == "app1.example:8787" and by_id[left.node_id]["ipv4"] == ""
     assert by_id[left.node_id]["reason"] == "LEFT"
     assert [n["status"] for n in nodes[:4]] == ["ONLINE"] * 4, "ONLINE nodes first"
@@ -439,16 +444,20 @@ async def test_node_status_by_id_and_for_this_node(server: ServerProcess, tmp_pa
 
     assert human.code == 0 and as_json.code == 0, (human.err, as_json.err)
     status = json.loads(as_json.out)
-    assert set(status) == {"revision", "node", "sessions", "online_nodes"} and status["revision"] > 0
+    keys = {"revision", "node", "sessions", "placed_sessions", "reported_sessions", "online_nodes"}
+    assert set(status) == keys and status["revision"] > 0
     assert set(status["node"]) == NODE_KEYS and status["node"]["id"] == app.node_id
-    assert status["sessions"] == 3 and status["node"]["status"] == "ONLINE"
+    # The node's sessions are the balancer's (none: nothing was placed or reported to it); the
+    # agent's own count (3) is shown beside them.
+    assert (status["sessions"], status["reported_sessions"]) == (0, 3) and status["node"]["status"] == "ONLINE"
     assert sorted(n["id"] for n in status["online_nodes"]) == sorted([app.node_id, other.node_id])
 
     head, _, rest = human.out.partition("\n")
     assert head == f"Node {app.node_id}  app1.example:8787"
     details, _, online = rest.partition("\n\n")
     fields = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in details.splitlines())
-    assert fields["Status"] == "Online" and fields["Mode"] == "Active" and fields["Sessions"] == "3"
+    assert fields["Status"] == "Online" and fields["Mode"] == "Active"
+    assert fields["Sessions"].startswith("0; the node's agent reports 3 (the balancer is missing reports"), fields
     assert (fields["Host"], fields["IPv4"], fields["Port"]) == ("app1.example", "10.0.0.1", "8787")
     assert fields["Load"] == "0.50 0.25 0.12 (4 CPUs)"
     count_line, _, table = online.partition("\n")

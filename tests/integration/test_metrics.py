@@ -91,6 +91,11 @@ async def test_the_scrape_shows_every_series_after_a_scripted_run(database_url: 
     for (name, label), at_least in expected.items():
         value = _total(samples, name, **({label[0]: label[1]} if label else {}))
         assert value >= at_least, (name, label, value, sorted(k for k in samples if k.startswith(name[:20])))
+    # The nodes' sessions, by state (what list-nodes counts): both series are there.
+    assert {k.split('state="')[1].split('"')[0] for k in samples if k.startswith("muster_node_sessions")} == {
+        "placed",
+        "started",
+    }, sorted(k for k in samples if k.startswith("muster_node"))
 
 
 async def test_json_logs_carry_the_fields_and_the_trace_id(database_url: str, tmp_path) -> None:  # noqa: ANN001

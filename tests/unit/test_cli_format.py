@@ -34,6 +34,8 @@ def node(
         health=health,
         last_seen_time=last_seen,
         load=Load(0.5, 0.25, 0.125, 4, 2),
+        sessions=3,  # the balancer's (placed and started); the agent reported 2
+        placed_sessions=1,
     )
 
 
@@ -72,7 +74,9 @@ def test_node_json_keeps_the_stored_status_and_derives_health() -> None:
         "reason": "JOINED",
         "last_seen": "2026-05-01T10:00:03.250000+00:00",
         "load": {"load1": 0.5, "load5": 0.25, "load15": 0.125, "cpu_count": 4},
-        "sessions": 2,
+        "sessions": 3,
+        "placed_sessions": 1,
+        "reported_sessions": 2,
         "message": "",
         "details": {},
     }
@@ -93,7 +97,7 @@ def test_the_table_is_plain_unwrapped_lines_when_not_on_a_terminal() -> None:
     assert long_host in lines[1] and "Missed check-in" in lines[1]
     assert lines[2].split("  ")[0] == "12" and "Invalid license" in lines[2]
     cells = [c.strip() for c in lines[2].split("  ") if c.strip()]
-    assert cells == ["12", "b", "-", "8787", "Invalid license", "Active", "-", "2"]
+    assert cells == ["12", "b", "-", "8787", "Invalid license", "Active", "-", "3"]
 
 
 def test_watch_lines_and_json_for_each_kind() -> None:

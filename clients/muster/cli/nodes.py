@@ -125,7 +125,9 @@ def node_json(node: Node) -> dict[str, Any]:
             "load15": node.load.load15,
             "cpu_count": node.load.cpu_count,
         },
-        "sessions": node.load.session_count,
+        "sessions": node.sessions,
+        "placed_sessions": node.placed_sessions,
+        "reported_sessions": node.load.session_count,
         "message": node.state_message,
         "details": dict(node.state_details),
     }
@@ -144,7 +146,7 @@ def node_row(node: Node) -> tuple[str, ...]:
         status_text(node.status),
         mode_text(node.mode),
         local_time(node.last_seen_time),
-        str(node.load.session_count),
+        str(node.sessions),
     )
 
 
@@ -352,9 +354,13 @@ def list_nodes(address: AddressOpt = None, json: JsonOpt = False) -> None:
 
     Columns: ID, Host, IPv4, Port, Status, Mode, Last seen (local time), Sessions.
 
+    A node's sessions are the balancer's sessions on it that have not ended, placed (reserved,
+    not started yet) and started alike: the same sessions `muster sessions` lists.
+
     \b
     With --json: {"revision": N, "nodes": [{"id", "address", "host", "ipv4", "port",
-      "status", "health", "mode", "reason", "last_seen", "load", "sessions"}]}
+      "status", "health", "mode", "reason", "last_seen", "load", "sessions", "placed_sessions",
+      "reported_sessions"}]} (reported_sessions: what the node's agent last reported)
     """
 
     async def body() -> Any:
@@ -373,22 +379,53 @@ def list_nodes(address: AddressOpt = None, json: JsonOpt = False) -> None:
 def delete_node(
     node_id: NodeIdArg,
     force: Annotated[
-        bool, typer.Option("--force", help="Delete even an ONLINE node with sessions (they are lost).")
+        bool,
+        typer.Option(
+            "--force",
+            help="Delete even an ONLINE node with sessions: they move to other nodes as in a failover "
+            "(new ids and routes); those no node can take end.",
+        ),
     ] = False,
     address: AddressOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Delete a node (it passes through DELETING). An ONLINE node with sessions needs --force: drain it first."""
+    """Delete a node (it passes through DELETING).
 
-    async def body() -> int:
+    An ONLINE node with sessions (placed or started, as `muster sessions` lists them) is refused:
+    drain it first (`muster offline ID`), or pass --force. Its sessions are moved to other nodes as
+    a failover moves them (new ids and routes: `muster route OLD_ID` answers the new node); those
+    no other node can take are ended. The output says which happened to how many.
+    """
+
+    async def body() -> tuple[int, int, int, int]:
         async with _connect(address) as cluster:
-            return await cluster.delete_node(node_id, force=force, wait_for_revision=True)
+            return await cluster.delete_node_sessions(node_id, force=force, wait_for_revision=True)
 
-    revision = _run(body())
+    revision, sessions, moved, ended = _run(body())
     if json:
-        print_json({"id": node_id, "deleted": True, "revision": revision})
-    else:
-        _out(f"Node {node_id} deleted.\n")
+        print_json(
+            {
+                "id": node_id,
+                "deleted": True,
+                "revision": revision,
+                "sessions": sessions,
+                "moved_sessions": moved,
+                "ended_sessions": ended,
+            }
+        )
+        return
+    _out(f"Node {node_id} deleted.\n")
+    if moved:
+        _out(f"{_count(moved, 'session')} moved to other nodes (new ids and routes; see `muster sessions`).\n")
+    if ended:
+        _out(f"{_count(ended, 'session')} ended: no other node could take {'it' if ended == 1 else 'them'}.\n")
+    if sessions > moved + ended:
+        left = sessions - moved - ended
+        _out(f"{_count(left, 'session')} will be moved by the balancer's failover.\n")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def node_status(
@@ -415,7 +452,9 @@ def node_status(
             {
                 "revision": status.revision,
                 "node": node_json(status.node),
-                "sessions": status.session_count,
+                "sessions": status.node.sessions,
+                "placed_sessions": status.node.placed_sessions,
+                "reported_sessions": status.session_count,
                 "online_nodes": [node_json(n) for n in status.online_nodes],
             }
         )
@@ -430,7 +469,7 @@ def node_status(
         ("Port", str(node.port)),
         ("Last seen", local_time(node.last_seen_time)),
         ("Load", f"{load.load1:.2f} {load.load5:.2f} {load.load15:.2f} ({load.cpu_count} CPUs)"),
-        ("Sessions", str(status.session_count)),
+        ("Sessions", _sessions_text(node, status.session_count)),
     ]
     if node.state_message:
         fields.insert(1, ("Why", node.state_message))
@@ -443,6 +482,21 @@ def node_status(
     _out("\n".join(lines) + "\n")
     if status.online_nodes:
         _out(render(nodes_table(status.online_nodes)))
+
+
+def _sessions_text(node: Any, reported: int) -> str:
+    """node-status's Sessions: the balancer's count (placed ones said), and the agent's own count
+    where it differs, saying which side is missing reports."""
+    text = str(node.sessions)
+    if node.placed_sessions:
+        text += f" ({node.placed_sessions} placed, not started yet)"
+    if reported != node.sessions:
+        if reported < node.sessions:
+            why = "the agent is missing reports: its application did not report every session it holds"
+        else:
+            why = "the balancer is missing reports: the agent counts sessions it did not report to the balancer"
+        text += f"; the node's agent reports {reported} ({why})"
+    return text
 
 
 def reset_cluster(
@@ -460,14 +514,16 @@ def reset_cluster(
 
         async def count() -> Any:
             async with _connect(address) as cluster:
-                return await cluster.get_cluster()
+                return await cluster.get_cluster(), await cluster.list_nodes()
 
-        info = _run(count())
+        info, listed = _run(count())
         target = address_or_default(address)
         n = info.node_count
+        sessions = sum(node.sessions for node in listed.nodes)
+        ending = f"; {_count(sessions, 'session')} will end" if sessions else ""
         if not typer.confirm(
             f"Reset the cluster at {target}? This removes {n} node{'s' if n != 1 else ''} and the cluster "
-            "definition, keys included",
+            f"definition, keys included{ending}",
             default=False,
         ):
             raise fail("reset cancelled; nothing was changed")

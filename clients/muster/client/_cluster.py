@@ -239,14 +239,29 @@ class Cluster(LocksApi, KeysApi, BalancerApi):
                 return NodeList(nodes, revision)
 
     async def delete_node(self, node_id: int, *, force: bool = False, wait_for_revision: bool = False) -> int:
-        """Deletes a node (DELETING, then removed).
+        """Deletes a node (DELETING, then removed); returns the revision (see :meth:`delete_node_sessions`).
+
+        Raises:
+            NodeHasSessionsError: it is ONLINE with sessions and ``force`` is not set.
+            NodeNotFoundError: no such node.
+        """
+        return (await self.delete_node_sessions(node_id, force=force, wait_for_revision=wait_for_revision))[0]
+
+    async def delete_node_sessions(
+        self, node_id: int, *, force: bool = False, wait_for_revision: bool = False
+    ) -> tuple[int, int, int, int]:
+        """Deletes a node; returns (revision, its sessions, how many moved to other nodes, how many ended).
+
+        Its sessions are moved as a failover moves them (new ids and routes); those no other node
+        can take are ended.
 
         Raises:
             NodeHasSessionsError: it is ONLINE with sessions and ``force`` is not set.
             NodeNotFoundError: no such node.
         """
         req = pb.DeleteNodeRequest(node_id=node_id, force=force, wait_for_revision=wait_for_revision)
-        return int((await self._registry_call("DeleteNode", req, retry=False)).revision)
+        resp = await self._registry_call("DeleteNode", req, retry=False)
+        return int(resp.revision), resp.sessions, resp.moved_sessions, resp.ended_sessions
 
     async def set_node_mode(self, node_id: int, mode: NodeMode, *, wait_for_revision: bool = False) -> Node:
         """Drains (DRAINING) or undrains (ACTIVE) a node; idempotent."""

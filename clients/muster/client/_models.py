@@ -108,6 +108,10 @@ class Node:
     load: Load = field(default_factory=Load)
     state_message: str = ""
     state_details: dict[str, str] = field(default_factory=dict)
+    # The node's sessions: the balancer's sessions on it that have not ended (placed and started);
+    # ``load.session_count`` is only what its agent reports.
+    sessions: int = 0
+    placed_sessions: int = 0
 
     @property
     def status(self) -> str:
@@ -137,6 +141,8 @@ class Node:
             load=Load.from_proto(msg.load),
             state_message=msg.state_message,
             state_details=dict(msg.state_details),
+            sessions=msg.sessions,
+            placed_sessions=msg.placed_sessions,
         )
 
 

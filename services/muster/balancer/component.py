@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = balancer_service_pb2.DESCRIPTOR.services_by_name["BalancerService"].full_name
 _NODE_STATE = node_pb2.NodeStateChanged.DESCRIPTOR.full_name
 _NODE_DELETED = node_pb2.NodeDeleted.DESCRIPTOR.full_name
+_CLUSTER_RESET = node_pb2.ClusterReset.DESCRIPTOR.full_name
 _STRATEGY_CHANGED = balancer_pb2.StrategyChanged.DESCRIPTOR.full_name
 SWEEP_INTERVAL = 2.0
 # One batch in flight: the next is decided on the counts the last one left (no read), which a
@@ -141,6 +142,12 @@ class BalancerComponent:
             self._schedule_move(ev.node_id, ev.revision)
         elif ev.kind == _STRATEGY_CHANGED:
             self.strategy.invalidate()
+        elif ev.kind == _CLUSTER_RESET:
+            # Every node is gone and the next one defines the cluster anew: no session survives.
+            # Replicas following the same event race harmlessly (the second finds nothing).
+            ended = await self.store.end_sessions(None, "CLUSTER_RESET")
+            if ended:
+                log.info("cluster reset: %d sessions ended", ended, extra={"event": "sessions_ended", "count": ended})
 
     def _schedule_move(self, node_id: int, revision: int = 0) -> None:
         if node_id:

@@ -310,6 +310,35 @@ class BalancerServicer(balancer_service_pb2_grpc.BalancerServiceServicer):
         previous, append_id = await self._store.set_strategy(name)
         return pb.SetStrategyResponse(previous=previous, revision=await self._store.revision_of(append_id))
 
+    @translate_errors
+    async def CountSessions(
+        self, request: pb.CountSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CountSessionsResponse:
+        counts, revision = await self._store.session_counts()
+        resp = pb.CountSessionsResponse(revision=revision)
+        for node_id, n, placed in counts:
+            resp.counts.add(node_id=node_id, sessions=n, placed=placed)
+        return resp
+
+    @translate_errors
+    async def EvacuateNode(
+        self, request: pb.EvacuateNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EvacuateNodeResponse:
+        node_id = validate.positive_id("node_id", request.node_id)
+        moved, ended = await self.evacuate(node_id, end_stranded=request.end_stranded)
+        return pb.EvacuateNodeResponse(moved=moved, ended=ended)
+
+    async def evacuate(self, node_id: int, *, end_stranded: bool) -> tuple[int, int]:
+        """Moves a node's sessions to the other candidates (never onto itself), ending the stranded ones.
+
+        Only from a view known to be current (else UNAVAILABLE, before anything moves or ends): a
+        view that has not loaded, or stalled, would see no candidate and end sessions that could move."""
+        await self._view.current_nodes()
+        await self._keys.get()
+        return await self._store.evacuate(
+            node_id, self._view.candidates, self._keys.signing_key(), end_stranded=end_stranded
+        )
+
 
 def _token_id(token: str) -> str:
     import base64

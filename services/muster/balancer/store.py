@@ -117,6 +117,13 @@ DELETE FROM balancer.sessions WHERE id IN (
 ) RETURNING id, node_id
 """
 NODES_WITH_SESSIONS = "SELECT DISTINCT node_id FROM balancer.sessions"
+# Counted from the sessions themselves (not node_counts, whose rows stay at 0 after a node's last session).
+SESSION_COUNTS = """
+SELECT node_id, count(*)::int AS sessions, count(*) FILTER (WHERE state = 1)::int AS placed
+FROM balancer.sessions GROUP BY node_id ORDER BY node_id
+"""
+END_NODE_SESSIONS = "DELETE FROM balancer.sessions WHERE node_id = $1 RETURNING id, node_id, state"
+END_ALL_SESSIONS = "DELETE FROM balancer.sessions RETURNING id, node_id, state"
 NOW = "SELECT now()"
 
 
@@ -468,7 +475,15 @@ class BalancerStore:
                 if before.state is SessionState.PLACED:
                     placed[before.node_id] -= 1
                 await con.execute(ADD_COUNTS, *_count_args(moves, placed))
-            await events.append(con, balancer_pb2.SessionStarted(session=session_to_proto(session)), node_id=node.id)
+            await events.append(
+                con,
+                balancer_pb2.SessionStarted(
+                    session=session_to_proto(session),
+                    previous_node_id=0 if row is None else before.node_id,
+                    previous_state=0 if row is None else int(before.state),  # type: ignore[arg-type]
+                ),
+                node_id=node.id,
+            )
         self._forget_counts()
         self._numberer.kick()
         return session
@@ -482,7 +497,14 @@ class BalancerStore:
             s = Session.from_row(row)
             await con.execute(ADD_COUNTS, [s.node_id], [-1], [-1 if s.state is SessionState.PLACED else 0])
             await events.append(
-                con, balancer_pb2.SessionEnded(session_id=s.id, node_id=s.node_id, reason=reason), node_id=s.node_id
+                con,
+                balancer_pb2.SessionEnded(
+                    session_id=s.id,
+                    node_id=s.node_id,
+                    reason=reason,
+                    state=int(s.state),  # type: ignore[arg-type]
+                ),
+                node_id=s.node_id,
             )
         self._forget_counts()
         self._numberer.kick()
@@ -523,6 +545,58 @@ class BalancerStore:
         """Nodes that have sessions."""
         async with self._pool.acquire() as con:
             return {r["node_id"] for r in await con.fetch(NODES_WITH_SESSIONS)}
+
+    async def session_counts(self) -> tuple[list[tuple[int, int, int]], int]:
+        """Every node's (id, sessions, placed) and the revision they reflect exactly."""
+        async with self._pool.acquire() as con, self._numberer.snapshot(con) as revision:
+            rows = await con.fetch(SESSION_COUNTS)
+        return [(r["node_id"], r["sessions"], r["placed"]) for r in rows], revision
+
+    async def evacuate(
+        self, node_id: int, candidates: Callable[[], list[NodeInfo]], key: bytes, *, end_stranded: bool
+    ) -> tuple[int, int]:
+        """Moves a node's sessions as a failover does; with ``end_stranded``, ends those that no
+        other node can take (SessionEnded NODE_DELETED). Returns (moved, ended)."""
+        moved = await self.move_sessions(node_id, candidates, key)
+        ended = await self.end_sessions(node_id, "NODE_DELETED") if end_stranded else 0
+        if ended:
+            log.warning(
+                "ended %d sessions of node %s: no other node could take them",
+                ended,
+                node_id,
+                extra={"event": "sessions_ended", "node": node_id, "count": ended},
+            )
+        return moved, ended
+
+    async def end_sessions(self, node_id: int | None, reason: str) -> int:
+        """Ends a node's sessions (every session for None), with their SessionEnded events; returns how many."""
+        async with self._pool.acquire() as con, con.transaction():
+            await con.fetchval(LOCK_SETTINGS)  # after any move or placement in flight on another replica
+            if node_id is None:
+                rows = await con.fetch(END_ALL_SESSIONS)
+            else:
+                rows = await con.fetch(END_NODE_SESSIONS, node_id)
+            if rows:
+                total: Counter[int] = Counter(r["node_id"] for r in rows)
+                placed: Counter[int] = Counter(r["node_id"] for r in rows if r["state"] == int(SessionState.PLACED))
+                ids = sorted(total)
+                await con.execute(ADD_COUNTS, ids, [-total[i] for i in ids], [-placed[i] for i in ids])
+                await events.append_many(
+                    con,
+                    [
+                        (
+                            balancer_pb2.SessionEnded(
+                                session_id=r["id"], node_id=r["node_id"], reason=reason, state=r["state"]
+                            ),
+                            r["node_id"],
+                        )
+                        for r in rows
+                    ],
+                )
+        if rows:
+            self._forget_counts()
+            self._numberer.kick()
+        return len(rows)
 
     # -- moves and expiry ----------------------------------------------------------------------
 
@@ -641,7 +715,12 @@ class BalancerStore:
                 con,
                 [
                     (
-                        balancer_pb2.SessionEnded(session_id=r["id"], node_id=r["node_id"], reason="EXPIRED"),
+                        balancer_pb2.SessionEnded(
+                            session_id=r["id"],
+                            node_id=r["node_id"],
+                            reason="EXPIRED",
+                            state=balancer_pb2.Session.STATE_PLACED,
+                        ),
                         r["node_id"],
                     )
                     for r in rows

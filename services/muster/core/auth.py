@@ -78,6 +78,7 @@ ADMIN_METHODS = frozenset(
         "/muster.api.keys.v1.KeysService/RotateKeys",
         "/muster.api.keys.v1.KeysService/ResetKeys",
         "/muster.api.balancer.v1.BalancerService/SetStrategy",
+        "/muster.api.balancer.v1.BalancerService/EvacuateNode",
         "/muster.api.locks.v1.LocksService/BreakLock",
     }
 )

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
         None, description="PEM CA of the keys service's certificate: call it over TLS."
     )
 
+    # The registry's calls to the balancer (a node's sessions: counts, and moving them on a forced delete).
+    balancer_address: str | None = Field(
+        None, description="host:port of the balancer, when it does not run in the registry's process."
+    )
+    balancer_tls_ca_file: Path | None = Field(
+        None, description="PEM CA of the balancer's certificate: call it over TLS."
+    )
+
     # The balancer (muster.balancer).
     registry_address: str | None = Field(
         None, description="host:port of the registry the balancer follows (default: this server's own address)."

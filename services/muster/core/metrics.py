@@ -15,6 +15,9 @@ The series (Prometheus names; OpenTelemetry turns dots into underscores and adds
   release);
 - ``muster_placements_total`` (``strategy``), ``muster_sessions_moved_total``,
   ``muster_placement_batches_total`` (``attempt``: ``first``, ``again``, ``locked``);
+- ``muster_node_sessions`` (gauge; ``state`` = ``placed`` or ``started``): the nodes' sessions as the
+  registry's node view counts them (the balancer's sessions that have not ended; see README "Nodes and
+  leases"), the same count `muster list-nodes` shows;
 - ``muster_db_pool_connections`` (gauge; ``state`` = ``in_use`` or ``idle``).
 """
 

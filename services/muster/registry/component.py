@@ -7,10 +7,10 @@ import logging
 import grpc
 
 from muster.api.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
-from muster.core import periodic, watch
+from muster.core import metrics, periodic, watch
 from muster.core.server import Runtime
 from muster.core.watch import WatchLimits
-from muster.registry import keycheck
+from muster.registry import keycheck, sessions
 from muster.registry.heartbeats import HeartbeatBatcher
 from muster.registry.servicer import RegistryServicer
 from muster.registry.store import RegistryStore, Timing
@@ -51,6 +51,12 @@ class RegistryComponent:
 
     async def start(self) -> None:
         self.servicer.key_checker = self._key_checker()
+        self.servicer.sessions = self.view.sessions = self._sessions()
+        metrics.observe(
+            "muster.node.sessions",
+            "The nodes' sessions (the balancer's, not ended), by state: placed or started",
+            self.view.session_totals,
+        )
         await self.view.start()
         self._runtime.spawn(self._reap(), "muster-reaper")
 
@@ -59,6 +65,8 @@ class RegistryComponent:
         await self.view.stop()
         if self.servicer.key_checker is not None:
             await self.servicer.key_checker.close()
+        if self.servicer.sessions is not None:
+            await self.servicer.sessions.close()
 
     def _key_checker(self) -> keycheck.KeyChecker | None:
         """The keys service in this process, else at ``keys_address``, else none (and a warning)."""
@@ -80,6 +88,29 @@ class RegistryComponent:
             "joining nodes' key fingerprints are not checked: the keys service does not run in this process; "
             "set MUSTER_KEYS_ADDRESS",
             extra={"event": "key_check_off"},
+        )
+        return None
+
+    def _sessions(self) -> sessions.SessionSource | None:
+        """The balancer in this process, else at ``balancer_address``, else none (counts from events alone)."""
+        rt, s = self._runtime, self._runtime.settings
+        balancer = rt.components.get("balancer")
+        if balancer is not None:
+            return sessions.LocalSessions(balancer)
+        if s.balancer_address:
+            sec = rt.security
+            mtls = sec is not None and sec.tls and s.balancer_tls_ca_file is not None
+            return sessions.RemoteSessions(
+                s.balancer_address,
+                metadata=sec.call_metadata() if sec else [],
+                ca_file=s.balancer_tls_ca_file,
+                cert_chain=sec.cert_chain if mtls and sec else None,
+                private_key=sec.private_key if mtls and sec else None,
+            )
+        log.warning(
+            "nodes' sessions are counted from the balancer's events alone (the balancer does not run in this "
+            "process); set MUSTER_BALANCER_ADDRESS",
+            extra={"event": "session_counts_from_events"},
         )
         return None
 

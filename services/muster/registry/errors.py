@@ -83,8 +83,9 @@ class NodeHasSessionsError(FailedPreconditionError):
 
     def __init__(self, node_id: int, sessions: int) -> None:
         super().__init__(
-            f"node {node_id} is ONLINE with {sessions} sessions; drain it (`muster offline {node_id}`) "
-            "or delete with --force",
+            f"node {node_id} is ONLINE with {sessions} session{'' if sessions == 1 else 's'}; "
+            f"drain it first (`muster offline {node_id}`: it keeps its sessions and gets no new ones), "
+            "or delete with --force to move them to other nodes (ending those no node can take)",
             domain=DOMAIN,
             node=node_id,
             sessions=sessions,

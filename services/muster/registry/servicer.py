@@ -15,8 +15,8 @@ from muster.core import telemetry, validate
 from muster.core.errors import InvalidArgumentError, MusterError, abort_with, translate, translate_errors
 from muster.core.events import EventBus
 from muster.core.watch import Streams, WatchLimits, run_watch
-from muster.registry import convert, keycheck
-from muster.registry.errors import NodeNotFoundError
+from muster.registry import convert, keycheck, sessions
+from muster.registry.errors import NodeHasSessionsError, NodeNotFoundError
 from muster.registry.heartbeats import Beat, HeartbeatBatcher, Outcome
 from muster.registry.models import HeartbeatResult, Load, Mode, format_address
 from muster.registry.store import RegistryStore
@@ -71,6 +71,7 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
         self._limits = limits
         self._streams = streams
         self.key_checker: keycheck.KeyChecker | None = None  # set by the component at start
+        self.sessions: sessions.SessionSource | None = None  # the balancer (set by the component at start)
 
     async def _revision(self, append_id: int, wanted: bool, numbered: asyncio.Future[int] | None = None) -> int:
         return await self._store.revision_of(append_id, numbered) if wanted and append_id else 0
@@ -294,10 +295,34 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
     async def DeleteNode(
         self, request: pb.DeleteNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteNodeResponse:
+        """Refuses an ONLINE node with sessions (the balancer's, placed and started: see
+        :mod:`muster.registry.sessions`) unless forced; a deletion that goes ahead first has the
+        balancer move the node's sessions as a failover does, ending those no node can take, and
+        answers how many of each. Sessions placed on it after that (a placement decided on a view
+        that still showed it) are moved by the balancer's failover when the deletion's event reaches it."""
         node_id = validate.positive_id("node_id", request.node_id)
-        written = await self._store.delete(node_id, force=request.force)
+        await self._view.caught_up()
+        node = self._view.node(node_id)
+        if node is None:
+            raise NodeNotFoundError(node_id)
+        count = self._view.session_count(node_id)
+        refusing = count
+        if self.sessions is None:
+            # No balancer to ask (none in this process, no balancer_address): what the node's agent
+            # reports is then all this registry can know, and a node is never deleted under it.
+            refusing = max(count, node.load.session_count)
+        online = node.state == node_pb2.Node.STATE_ONLINE
+        if online and refusing > 0 and not request.force:
+            raise NodeHasSessionsError(node_id, refusing)
+        moved = ended = 0
+        if count > 0 and self.sessions is not None:
+            moved, ended = await self.sessions.evacuate(node_id)
+        written = await self._store.delete(node_id, force=True)
         return pb.DeleteNodeResponse(
-            revision=await self._revision(written.append_id, request.wait_for_revision, written.numbered)
+            revision=await self._revision(written.append_id, request.wait_for_revision, written.numbered),
+            sessions=count,
+            moved_sessions=moved,
+            ended_sessions=ended,
         )
 
     @translate_errors

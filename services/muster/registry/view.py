@@ -38,10 +38,12 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from muster.api.balancer.v1 import balancer_pb2
 from muster.api.registry.v1 import node_pb2
 from muster.core import metrics
 from muster.core.errors import StoreUnavailableError
@@ -64,6 +66,15 @@ _WITH_NODE = {
 _MODE_CHANGED = _PREFIX + "NodeModeChanged"
 _DELETED = _PREFIX + "NodeDeleted"
 _RESET = _PREFIX + "ClusterReset"
+# The balancer's events that change a node's sessions (its contract's messages; never its code).
+_B = "muster.api.balancer.v1."
+_PLACED, _STARTED, _MOVED, _ENDED = (
+    _B + k for k in ("SessionPlaced", "SessionStarted", "SessionMoved", "SessionEnded")
+)
+_SESSION_KINDS = frozenset({_PLACED, _STARTED, _MOVED, _ENDED})
+_PLACED_STATE = balancer_pb2.Session.STATE_PLACED
+_RECOUNT_EVERY = 5.0  # seconds between attempts to get the balancer's counts when it could not answer
+_COUNT_TIMEOUT = 3.0  # how long a (re-)load waits for the balancer's counts
 _READ_LIMIT = 5_000
 _REFRESH_SLACK = timedelta(seconds=1)
 
@@ -183,6 +194,13 @@ class NodeView:
         self._full_at = float("-inf")
         self._refreshing: asyncio.Future[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # A node's sessions (the balancer's, not ended): node id -> [sessions, placed]. Kept for
+        # every node the balancer has sessions on, in the view or not.
+        self.sessions: Any = None  # a muster.registry.sessions.SessionSource, set by the component
+        self._counts: dict[int, list[int]] = {}
+        self.counts_from: int | None = None  # the revision the balancer's counts were taken at (None: not yet)
+        self._recount_at = float("-inf")
+        self._counting: asyncio.Future[tuple[list[tuple[int, int, int]], int] | None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -192,6 +210,8 @@ class NodeView:
 
     async def stop(self) -> None:
         """Stops following; waiting callers get UNAVAILABLE."""
+        if self._counting is not None:
+            self._counting.cancel()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -366,6 +386,9 @@ class NodeView:
                 await asyncio.sleep(0.5)
 
     async def _load(self) -> None:
+        # The balancer's counts first, then the nodes: the counts' revision is at or below the
+        # nodes', and the session events between the two are applied to the counts (see _recount).
+        counted = await self._balancer_counts()
         # The snapshot numbers every committed change first, so it is never behind what the view applied.
         nodes, epoch, revision = await self._store.snapshot(frozenset())
         self._nodes = {}
@@ -373,11 +396,16 @@ class NodeView:
         for n in nodes:
             msg = convert.node_to_proto(n)
             self._nodes[n.id] = _Entry(msg, n.last_seen_time, n.lease_expire_time)
+            # (_rebase writes the counts in)
             self._order[0 if msg.state == _ONLINE else 1].append(n.id)
         self._order[0].sort()
         self._order[1].sort()
         self.epoch = epoch
         self.revision = revision
+        self._counts = {}
+        self.counts_from = None
+        if counted is not None:
+            await self._rebase(*counted)
         self.loads += 1
         log.info(
             "node view loaded: %d nodes at revision %d",
@@ -397,6 +425,17 @@ class NodeView:
                     extra={"event": "node_view_resync"},
                 )
                 return
+            if self.counts_from is None and self.sessions is not None:
+                # Asked in the background (a balancer that does not answer must not hold up the
+                # view's events); taken here, between batches, when it has answered.
+                if self._counting is None:
+                    if time.monotonic() - self._recount_at >= _RECOUNT_EVERY:
+                        self._counting = asyncio.ensure_future(self._balancer_counts())
+                elif self._counting.done():
+                    counted, self._counting = self._counting.result(), None
+                    if counted is not None:
+                        await self._rebase(*counted)
+                        self._wake()
             await self._bus.wait(self.revision, 1.0)
             batch = await self._bus.read(self.revision, _READ_LIMIT)
             if not batch:
@@ -413,8 +452,127 @@ class NodeView:
                 self.revision = ev.revision
             self._wake()
 
+    # -- a node's sessions ------------------------------------------------------------------------
+
+    async def _balancer_counts(self) -> tuple[list[tuple[int, int, int]], int] | None:
+        """The balancer's counts and their revision; None without a balancer or when it cannot say now."""
+        if self.sessions is None or time.monotonic() - self._recount_at < _RECOUNT_EVERY:
+            return None
+        try:
+            async with asyncio.timeout(_COUNT_TIMEOUT):
+                return await self.sessions.counts()  # type: ignore[no-any-return]
+        except Exception as exc:  # noqa: BLE001 - the balancer may be down: counts from events until it answers
+            self._recount_at = time.monotonic()
+            log.warning(
+                "node view: the balancer cannot count sessions (%s); counting from its events until it can",
+                type(exc).__name__,
+                extra={"event": "session_counts_unavailable"},
+            )
+            return None
+
+    async def _rebase(self, counts: list[tuple[int, int, int]], at: int) -> None:
+        """Takes the balancer's counts as of revision ``at`` and brings them to the view's revision
+        by the session events in between (runs in the following task: no event is applied meanwhile)."""
+        if at > self.revision:
+            await self.at_least_applied(at)
+        base = {node_id: [n, placed] for node_id, n, placed in counts}
+        applied = at
+        while applied < self.revision:
+            batch = await self._bus.read(applied, min(_READ_LIMIT, self.revision - applied))
+            if not batch or batch[0].revision != applied + 1:
+                log.warning("node view: the events after %d are gone; counting again", applied)
+                self._recount_at = time.monotonic()
+                return
+            for ev in batch:
+                if ev.revision > self.revision:
+                    break
+                if ev.kind in _SESSION_KINDS:
+                    self._count(base, ev)
+                applied = ev.revision
+        old, self._counts = self._counts, base
+        for node_id in set(old) | set(base):
+            self._show(node_id)
+        self.counts_from = at
+
+    async def at_least_applied(self, revision: int) -> None:
+        """Applies events (in this, the following task) until the view has reached ``revision``."""
+        while self.revision < revision:
+            await self._bus.wait(self.revision, 1.0)
+            batch = await self._bus.read(self.revision, _READ_LIMIT)
+            if not batch:
+                continue
+            if batch[0].revision != self.revision + 1:
+                raise StoreUnavailableError("node view: history was compacted while counting sessions")
+            for ev in batch:
+                self._apply(ev)
+                self.revision = ev.revision
+
+    @staticmethod
+    def _count(counts: dict[int, list[int]], ev: StoredEvent) -> set[int]:
+        """Applies one session event to ``counts``; returns the nodes it changed."""
+
+        def add(node_id: int, n: int, placed: int) -> None:
+            c = counts.setdefault(node_id, [0, 0])
+            c[0] = max(0, c[0] + n)
+            c[1] = max(0, c[1] + placed)
+            if c == [0, 0]:
+                del counts[node_id]
+
+        value = ev.proto.payload.value
+        kind = ev.kind
+        if kind == _PLACED:
+            session = balancer_pb2.SessionPlaced.FromString(value).session
+            add(session.node_id, 1, 1)
+            return {session.node_id}
+        if kind == _STARTED:
+            started = balancer_pb2.SessionStarted.FromString(value)
+            node_id = started.session.node_id
+            if started.previous_state == 0:  # a session the balancer did not know (adopted): one more
+                add(node_id, 1, 0)
+                return {node_id}
+            was_placed = int(started.previous_state == _PLACED_STATE)
+            add(started.previous_node_id, -1, -was_placed)
+            add(node_id, 1, 0)
+            return {node_id, started.previous_node_id}
+        if kind == _MOVED:
+            moved = balancer_pb2.SessionMoved.FromString(value)
+            placed = int(moved.session.state == _PLACED_STATE)
+            add(moved.previous_node_id, -1, -placed)
+            add(moved.session.node_id, 1, placed)
+            return {moved.previous_node_id, moved.session.node_id}
+        ended = balancer_pb2.SessionEnded.FromString(value)
+        add(ended.node_id, -1, -int(ended.state == _PLACED_STATE))
+        return {ended.node_id}
+
+    def _show(self, node_id: int) -> None:
+        """Writes a node's counts into its message (if the view has the node)."""
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            return
+        n, placed = self._counts.get(node_id, (0, 0))
+        if entry.msg.sessions != n or entry.msg.placed_sessions != placed:
+            entry.msg.sessions, entry.msg.placed_sessions = n, placed
+            entry.part = None
+
+    def session_count(self, node_id: int) -> int:
+        """A node's sessions (placed and started) as of :attr:`revision`."""
+        return self._counts.get(node_id, (0, 0))[0]
+
+    def total_sessions(self) -> int:
+        """Every node's sessions as of :attr:`revision`."""
+        return sum(c[0] for c in self._counts.values())
+
+    def session_totals(self) -> list[tuple[float, dict[str, str]]]:
+        """The ``muster.node.sessions`` gauge: the nodes' sessions, placed and started (0 before the view loads)."""
+        placed = sum(c[1] for c in self._counts.values())
+        return [(placed, {"state": "placed"}), (self.total_sessions() - placed, {"state": "started"})]
+
     def _apply(self, ev: StoredEvent) -> None:
         kind = ev.kind
+        if kind in _SESSION_KINDS:
+            for node_id in self._count(self._counts, ev):
+                self._show(node_id)
+            return
         cls = _WITH_NODE.get(kind)
         if cls is not None:
             node = cls.FromString(ev.proto.payload.value).node
@@ -452,6 +610,7 @@ class NodeView:
                 msg.lease_expire_time.CopyFrom(current.lease_expire_time)
                 msg.load.CopyFrom(current.load)
                 seen, expire = old.last_seen, old.expire
+        msg.sessions, msg.placed_sessions = self._counts.get(msg.id, (0, 0))
         self._nodes[msg.id] = _Entry(msg, seen, expire)
 
     def _remove(self, node_id: int) -> None:

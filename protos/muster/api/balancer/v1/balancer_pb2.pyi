@@ -288,6 +288,12 @@ class SessionStarted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_NODE_ID_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STATE_FIELD_NUMBER: _builtins.int
+    previous_node_id: _builtins.int
+    """Its node before the report (0 when the balancer did not know the session: an adopted one)."""
+    previous_state: Global___Session.State.ValueType
+    """Its state before the report (UNSPECIFIED when the balancer did not know the session)."""
     @_builtins.property
     def session(self) -> Global___Session:
         """The session."""
@@ -296,10 +302,12 @@ class SessionStarted(_message.Message):
         self,
         *,
         session: Global___Session | None = ...,
+        previous_node_id: _builtins.int = ...,
+        previous_state: Global___Session.State.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_node_id", b"previous_node_id", "previous_state", b"previous_state", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -314,22 +322,26 @@ class SessionEnded(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session's id."""
     node_id: _builtins.int
     """Its node."""
     reason: _builtins.str
-    """ENDED or EXPIRED."""
+    """ENDED, EXPIRED or NODE_DELETED (its node was deleted with --force and no other could take it)."""
+    state: Global___Session.State.ValueType
+    """Its state when it ended (PLACED or STARTED)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         node_id: _builtins.int = ...,
         reason: _builtins.str = ...,
+        state: Global___Session.State.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason", "session_id", b"session_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -436,3 +436,130 @@ class SetStrategyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetStrategyResponse: _TypeAlias = SetStrategyResponse  # noqa: Y015
+
+@_typing.final
+class CountSessionsRequest(_message.Message):
+    """Request of CountSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountSessionsRequest: _TypeAlias = CountSessionsRequest  # noqa: Y015
+
+@_typing.final
+class NodeSessionCount(_message.Message):
+    """One node's sessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    PLACED_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    """The node."""
+    sessions: _builtins.int
+    """Sessions on it that have not ended (placed and started)."""
+    placed: _builtins.int
+    """Of them, placed and not yet started."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+        placed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "placed", b"placed", "sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeSessionCount: _TypeAlias = NodeSessionCount  # noqa: Y015
+
+@_typing.final
+class CountSessionsResponse(_message.Message):
+    """Response of CountSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """The revision the counts reflect exactly."""
+    @_builtins.property
+    def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeSessionCount]:
+        """Every node with sessions, by id."""
+
+    def __init__(
+        self,
+        *,
+        counts: _abc.Iterable[Global___NodeSessionCount] | None = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountSessionsResponse: _TypeAlias = CountSessionsResponse  # noqa: Y015
+
+@_typing.final
+class EvacuateNodeRequest(_message.Message):
+    """Request of EvacuateNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    END_STRANDED_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.int
+    """The node."""
+    end_stranded: _builtins.bool
+    """End the sessions no other node can take (else they stay)."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.int = ...,
+        end_stranded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_stranded", b"end_stranded", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvacuateNodeRequest: _TypeAlias = EvacuateNodeRequest  # noqa: Y015
+
+@_typing.final
+class EvacuateNodeResponse(_message.Message):
+    """Response of EvacuateNode."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOVED_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
+    moved: _builtins.int
+    """Sessions moved to other nodes (new ids and routes)."""
+    ended: _builtins.int
+    """Sessions ended because no other node could take them."""
+    def __init__(
+        self,
+        *,
+        moved: _builtins.int = ...,
+        ended: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "moved", b"moved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvacuateNodeResponse: _TypeAlias = EvacuateNodeResponse  # noqa: Y015

@@ -65,6 +65,16 @@ class BalancerServiceStub:
                 request_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyRequest.SerializeToString,
                 response_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyResponse.FromString,
                 _registered_method=True)
+        self.CountSessions = channel.unary_unary(
+                '/muster.api.balancer.v1.BalancerService/CountSessions',
+                request_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsRequest.SerializeToString,
+                response_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsResponse.FromString,
+                _registered_method=True)
+        self.EvacuateNode = channel.unary_unary(
+                '/muster.api.balancer.v1.BalancerService/EvacuateNode',
+                request_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeRequest.SerializeToString,
+                response_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeResponse.FromString,
+                _registered_method=True)
 
 
 class BalancerServiceServicer:
@@ -113,6 +123,22 @@ class BalancerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountSessions(self, request, context):
+        """Every node's sessions (placed and started) and the revision the counts reflect exactly (the
+        registry's node view starts from it, then follows the Session* events).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvacuateNode(self, request, context):
+        """Moves a node's sessions to other nodes as a failover does, and ends those no node can take
+        (admin: a forced DeleteNode).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BalancerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +171,16 @@ def add_BalancerServiceServicer_to_server(servicer, server):
                     servicer.SetStrategy,
                     request_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyRequest.FromString,
                     response_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyResponse.SerializeToString,
+            ),
+            'CountSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountSessions,
+                    request_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsRequest.FromString,
+                    response_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsResponse.SerializeToString,
+            ),
+            'EvacuateNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvacuateNode,
+                    request_deserializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeRequest.FromString,
+                    response_serializer=muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +346,60 @@ class BalancerService:
             '/muster.api.balancer.v1.BalancerService/SetStrategy',
             muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyRequest.SerializeToString,
             muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.SetStrategyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.api.balancer.v1.BalancerService/CountSessions',
+            muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsRequest.SerializeToString,
+            muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.CountSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvacuateNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.api.balancer.v1.BalancerService/EvacuateNode',
+            muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeRequest.SerializeToString,
+            muster_dot_api_dot_balancer_dot_v1_dot_balancer__service__pb2.EvacuateNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,14 @@ class BalancerServiceStub:
     """The cluster status view: every node, its state, load and sessions."""
     SetStrategy: _grpc.UnaryUnaryMultiCallable[_balancer_service_pb2.SetStrategyRequest, _balancer_service_pb2.SetStrategyResponse]
     """Sets the cluster's placement strategy (admin)."""
+    CountSessions: _grpc.UnaryUnaryMultiCallable[_balancer_service_pb2.CountSessionsRequest, _balancer_service_pb2.CountSessionsResponse]
+    """Every node's sessions (placed and started) and the revision the counts reflect exactly (the
+    registry's node view starts from it, then follows the Session* events).
+    """
+    EvacuateNode: _grpc.UnaryUnaryMultiCallable[_balancer_service_pb2.EvacuateNodeRequest, _balancer_service_pb2.EvacuateNodeResponse]
+    """Moves a node's sessions to other nodes as a failover does, and ends those no node can take
+    (admin: a forced DeleteNode).
+    """
 
 @_typing.type_check_only
 class BalancerServiceAsyncStub(BalancerServiceStub):
@@ -63,6 +71,14 @@ class BalancerServiceAsyncStub(BalancerServiceStub):
     """The cluster status view: every node, its state, load and sessions."""
     SetStrategy: _aio.UnaryUnaryMultiCallable[_balancer_service_pb2.SetStrategyRequest, _balancer_service_pb2.SetStrategyResponse]  # type: ignore[assignment]
     """Sets the cluster's placement strategy (admin)."""
+    CountSessions: _aio.UnaryUnaryMultiCallable[_balancer_service_pb2.CountSessionsRequest, _balancer_service_pb2.CountSessionsResponse]  # type: ignore[assignment]
+    """Every node's sessions (placed and started) and the revision the counts reflect exactly (the
+    registry's node view starts from it, then follows the Session* events).
+    """
+    EvacuateNode: _aio.UnaryUnaryMultiCallable[_balancer_service_pb2.EvacuateNodeRequest, _balancer_service_pb2.EvacuateNodeResponse]  # type: ignore[assignment]
+    """Moves a node's sessions to other nodes as a failover does, and ends those no node can take
+    (admin: a forced DeleteNode).
+    """
 
 class BalancerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Where a user's new session should run, and where an existing one lives."""
@@ -114,5 +130,25 @@ class BalancerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_balancer_service_pb2.SetStrategyResponse, _abc.Awaitable[_balancer_service_pb2.SetStrategyResponse]]:
         """Sets the cluster's placement strategy (admin)."""
+
+    @_abc_1.abstractmethod
+    def CountSessions(
+        self,
+        request: _balancer_service_pb2.CountSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_balancer_service_pb2.CountSessionsResponse, _abc.Awaitable[_balancer_service_pb2.CountSessionsResponse]]:
+        """Every node's sessions (placed and started) and the revision the counts reflect exactly (the
+        registry's node view starts from it, then follows the Session* events).
+        """
+
+    @_abc_1.abstractmethod
+    def EvacuateNode(
+        self,
+        request: _balancer_service_pb2.EvacuateNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_balancer_service_pb2.EvacuateNodeResponse, _abc.Awaitable[_balancer_service_pb2.EvacuateNodeResponse]]:
+        """Moves a node's sessions to other nodes as a failover does, and ends those no node can take
+        (admin: a forced DeleteNode).
+        """
 
 def add_BalancerServiceServicer_to_server(servicer: BalancerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!muster/api/registry/v1/node.proto\x12\x16muster.api.registry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\t\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\x05\x12\x31\n\x05state\x18\x06 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\x12\x14\n\x0cstate_reason\x18\x07 \x01(\t\x12/\n\x04mode\x18\x08 \x01(\x0e\x32!.muster.api.registry.v1.Node.Mode\x12\x33\n\x06health\x18\t \x01(\x0e\x32#.muster.api.registry.v1.Node.Health\x12\x38\n\x06labels\x18\n \x03(\x0b\x32(.muster.api.registry.v1.Node.LabelsEntry\x12\x10\n\x08lease_id\x18\x0b \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04load\x18\x0f \x01(\x0b\x32\x1c.muster.api.registry.v1.Load\x12\x15\n\rstate_message\x18\x10 \x01(\t\x12\x45\n\rstate_details\x18\x11 \x03(\x0b\x32..muster.api.registry.v1.Node.StateDetailsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11StateDetailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x10\n\x0cSTATE_ONLINE\x10\x02\x12\x11\n\rSTATE_OFFLINE\x10\x03\x12\x12\n\x0eSTATE_DELETING\x10\x04\x12\x1b\n\x17STATE_FAILED_TO_RESOLVE\x10\x05\x12#\n\x1fSTATE_INVALID_SECURE_COOKIE_KEY\x10\x06\x12!\n\x1dSTATE_INVALID_KEY_PERMISSIONS\x10\x07\x12$\n STATE_ERROR_READING_LAUNCHER_KEY\x10\x08\x12\x1e\n\x1aSTATE_INVALID_LAUNCHER_KEY\x10\t\x12\x19\n\x15STATE_INVALID_LICENSE\x10\n\"@\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_ACTIVE\x10\x01\x12\x11\n\rMODE_DRAINING\x10\x02\"K\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\r\n\tHEALTH_OK\x10\x01\x12\x1a\n\x16HEALTH_MISSED_CHECK_IN\x10\x02\"\x90\x01\n\x0cNodeKeyCheck\x12%\n\x1dsecure_cookie_key_fingerprint\x18\x01 \x01(\t\x12 \n\x18launcher_key_fingerprint\x18\x02 \x01(\t\x12\x37\n\x07problem\x18\x03 \x01(\x0b\x32&.muster.api.registry.v1.KeyFileProblem\"p\n\x0eKeyFileProblem\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"^\n\x04Load\x12\r\n\x05load1\x18\x01 \x01(\x01\x12\r\n\x05load5\x18\x02 \x01(\x01\x12\x0e\n\x06load15\x18\x03 \x01(\x01\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x15\n\rsession_count\x18\x05 \x01(\x05\"\xac\x02\n\x07\x43luster\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0f\x63heck_in_window\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnode_count\x18\x08 \x01(\x05\x12\x14\n\x0conline_count\x18\t \x01(\x05\"8\n\nNodeJoined\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\"z\n\x10NodeStateChanged\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\x12:\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\"S\n\x0fNodeModeChanged\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.muster.api.registry.v1.Node.Mode\";\n\rNodeSuspected\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\";\n\rNodeRecovered\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\"/\n\x0bNodeDeleted\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"@\n\x0c\x43lusterReset\x12\x30\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1f.muster.api.registry.v1.Clusterb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!muster/api/registry/v1/node.proto\x12\x16muster.api.registry.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc0\t\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0c\n\x04ipv4\x18\x04 \x01(\t\x12\x0c\n\x04port\x18\x05 \x01(\x05\x12\x31\n\x05state\x18\x06 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\x12\x14\n\x0cstate_reason\x18\x07 \x01(\t\x12/\n\x04mode\x18\x08 \x01(\x0e\x32!.muster.api.registry.v1.Node.Mode\x12\x33\n\x06health\x18\t \x01(\x0e\x32#.muster.api.registry.v1.Node.Health\x12\x38\n\x06labels\x18\n \x03(\x0b\x32(.muster.api.registry.v1.Node.LabelsEntry\x12\x10\n\x08lease_id\x18\x0b \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11lease_expire_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x04load\x18\x0f \x01(\x0b\x32\x1c.muster.api.registry.v1.Load\x12\x15\n\rstate_message\x18\x10 \x01(\t\x12\x45\n\rstate_details\x18\x11 \x03(\x0b\x32..muster.api.registry.v1.Node.StateDetailsEntry\x12\x10\n\x08sessions\x18\x12 \x01(\x05\x12\x17\n\x0fplaced_sessions\x18\x13 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11StateDetailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x02\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATE_STARTING\x10\x01\x12\x10\n\x0cSTATE_ONLINE\x10\x02\x12\x11\n\rSTATE_OFFLINE\x10\x03\x12\x12\n\x0eSTATE_DELETING\x10\x04\x12\x1b\n\x17STATE_FAILED_TO_RESOLVE\x10\x05\x12#\n\x1fSTATE_INVALID_SECURE_COOKIE_KEY\x10\x06\x12!\n\x1dSTATE_INVALID_KEY_PERMISSIONS\x10\x07\x12$\n STATE_ERROR_READING_LAUNCHER_KEY\x10\x08\x12\x1e\n\x1aSTATE_INVALID_LAUNCHER_KEY\x10\t\x12\x19\n\x15STATE_INVALID_LICENSE\x10\n\"@\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bMODE_ACTIVE\x10\x01\x12\x11\n\rMODE_DRAINING\x10\x02\"K\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\r\n\tHEALTH_OK\x10\x01\x12\x1a\n\x16HEALTH_MISSED_CHECK_IN\x10\x02\"\x90\x01\n\x0cNodeKeyCheck\x12%\n\x1dsecure_cookie_key_fingerprint\x18\x01 \x01(\t\x12 \n\x18launcher_key_fingerprint\x18\x02 \x01(\t\x12\x37\n\x07problem\x18\x03 \x01(\x0b\x32&.muster.api.registry.v1.KeyFileProblem\"p\n\x0eKeyFileProblem\x12\x31\n\x05state\x18\x01 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0f\n\x07message\x18\x04 \x01(\t\"^\n\x04Load\x12\r\n\x05load1\x18\x01 \x01(\x01\x12\r\n\x05load5\x18\x02 \x01(\x01\x12\x0e\n\x06load15\x18\x03 \x01(\x01\x12\x11\n\tcpu_count\x18\x04 \x01(\x05\x12\x15\n\rsession_count\x18\x05 \x01(\x05\"\xac\x02\n\x07\x43luster\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tmax_nodes\x18\x04 \x01(\x05\x12\x35\n\x12heartbeat_interval\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0f\x63heck_in_window\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tlease_ttl\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nnode_count\x18\x08 \x01(\x05\x12\x14\n\x0conline_count\x18\t \x01(\x05\"8\n\nNodeJoined\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\"z\n\x10NodeStateChanged\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\x12:\n\x0eprevious_state\x18\x02 \x01(\x0e\x32\".muster.api.registry.v1.Node.State\"S\n\x0fNodeModeChanged\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12/\n\x04mode\x18\x02 \x01(\x0e\x32!.muster.api.registry.v1.Node.Mode\";\n\rNodeSuspected\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\";\n\rNodeRecovered\x12*\n\x04node\x18\x01 \x01(\x0b\x32\x1c.muster.api.registry.v1.Node\"/\n\x0bNodeDeleted\x12\x0f\n\x07node_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"@\n\x0c\x43lusterReset\x12\x30\n\x07\x63luster\x18\x01 \x01(\x0b\x32\x1f.muster.api.registry.v1.Clusterb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,37 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE_STATEDETAILSENTRY']._loaded_options = None
   _globals['_NODE_STATEDETAILSENTRY']._serialized_options = b'8\001'
   _globals['_NODE']._serialized_start=127
-  _globals['_NODE']._serialized_end=1300
-  _globals['_NODE_LABELSENTRY']._serialized_start=751
-  _globals['_NODE_LABELSENTRY']._serialized_end=796
-  _globals['_NODE_STATEDETAILSENTRY']._serialized_start=798
-  _globals['_NODE_STATEDETAILSENTRY']._serialized_end=849
-  _globals['_NODE_STATE']._serialized_start=852
-  _globals['_NODE_STATE']._serialized_end=1157
-  _globals['_NODE_MODE']._serialized_start=1159
-  _globals['_NODE_MODE']._serialized_end=1223
-  _globals['_NODE_HEALTH']._serialized_start=1225
-  _globals['_NODE_HEALTH']._serialized_end=1300
-  _globals['_NODEKEYCHECK']._serialized_start=1303
-  _globals['_NODEKEYCHECK']._serialized_end=1447
-  _globals['_KEYFILEPROBLEM']._serialized_start=1449
-  _globals['_KEYFILEPROBLEM']._serialized_end=1561
-  _globals['_LOAD']._serialized_start=1563
-  _globals['_LOAD']._serialized_end=1657
-  _globals['_CLUSTER']._serialized_start=1660
-  _globals['_CLUSTER']._serialized_end=1960
-  _globals['_NODEJOINED']._serialized_start=1962
-  _globals['_NODEJOINED']._serialized_end=2018
-  _globals['_NODESTATECHANGED']._serialized_start=2020
-  _globals['_NODESTATECHANGED']._serialized_end=2142
-  _globals['_NODEMODECHANGED']._serialized_start=2144
-  _globals['_NODEMODECHANGED']._serialized_end=2227
-  _globals['_NODESUSPECTED']._serialized_start=2229
-  _globals['_NODESUSPECTED']._serialized_end=2288
-  _globals['_NODERECOVERED']._serialized_start=2290
-  _globals['_NODERECOVERED']._serialized_end=2349
-  _globals['_NODEDELETED']._serialized_start=2351
-  _globals['_NODEDELETED']._serialized_end=2398
-  _globals['_CLUSTERRESET']._serialized_start=2400
-  _globals['_CLUSTERRESET']._serialized_end=2464
+  _globals['_NODE']._serialized_end=1343
+  _globals['_NODE_LABELSENTRY']._serialized_start=794
+  _globals['_NODE_LABELSENTRY']._serialized_end=839
+  _globals['_NODE_STATEDETAILSENTRY']._serialized_start=841
+  _globals['_NODE_STATEDETAILSENTRY']._serialized_end=892
+  _globals['_NODE_STATE']._serialized_start=895
+  _globals['_NODE_STATE']._serialized_end=1200
+  _globals['_NODE_MODE']._serialized_start=1202
+  _globals['_NODE_MODE']._serialized_end=1266
+  _globals['_NODE_HEALTH']._serialized_start=1268
+  _globals['_NODE_HEALTH']._serialized_end=1343
+  _globals['_NODEKEYCHECK']._serialized_start=1346
+  _globals['_NODEKEYCHECK']._serialized_end=1490
+  _globals['_KEYFILEPROBLEM']._serialized_start=1492
+  _globals['_KEYFILEPROBLEM']._serialized_end=1604
+  _globals['_LOAD']._serialized_start=1606
+  _globals['_LOAD']._serialized_end=1700
+  _globals['_CLUSTER']._serialized_start=1703
+  _globals['_CLUSTER']._serialized_end=2003
+  _globals['_NODEJOINED']._serialized_start=2005
+  _globals['_NODEJOINED']._serialized_end=2061
+  _globals['_NODESTATECHANGED']._serialized_start=2063
+  _globals['_NODESTATECHANGED']._serialized_end=2185
+  _globals['_NODEMODECHANGED']._serialized_start=2187
+  _globals['_NODEMODECHANGED']._serialized_end=2270
+  _globals['_NODESUSPECTED']._serialized_start=2272
+  _globals['_NODESUSPECTED']._serialized_end=2331
+  _globals['_NODERECOVERED']._serialized_start=2333
+  _globals['_NODERECOVERED']._serialized_end=2392
+  _globals['_NODEDELETED']._serialized_start=2394
+  _globals['_NODEDELETED']._serialized_end=2441
+  _globals['_CLUSTERRESET']._serialized_start=2443
+  _globals['_CLUSTERRESET']._serialized_end=2507
 # @@protoc_insertion_point(module_scope)

@@ -185,6 +185,8 @@ class Node(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     STATE_MESSAGE_FIELD_NUMBER: _builtins.int
     STATE_DETAILS_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    PLACED_SESSIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Cluster-unique id, kept across re-joins from the same address."""
     address: _builtins.str
@@ -209,6 +211,12 @@ class Node(_message.Message):
     """For a refused node (INVALID_*): what is wrong and what fixes it, in words an operator can act on.
     Never carries key material.
     """
+    sessions: _builtins.int
+    """The node's sessions: the balancer's sessions on it that have not ended, placed and started
+    alike (one truth for every command; `load.session_count` is only what its agent reports).
+    """
+    placed_sessions: _builtins.int
+    """Of `sessions`, those placed but not yet reported started by the node's agent."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels used for placement."""
@@ -253,10 +261,12 @@ class Node(_message.Message):
         load: Global___Load | None = ...,
         state_message: _builtins.str = ...,
         state_details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        sessions: _builtins.int = ...,
+        placed_sessions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "health", b"health", "host", b"host", "id", b"id", "ipv4", b"ipv4", "labels", b"labels", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "load", b"load", "mode", b"mode", "port", b"port", "state", b"state", "state_details", b"state_details", "state_message", b"state_message", "state_reason", b"state_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "create_time", b"create_time", "health", b"health", "host", b"host", "id", b"id", "ipv4", b"ipv4", "labels", b"labels", "last_seen_time", b"last_seen_time", "lease_expire_time", b"lease_expire_time", "lease_id", b"lease_id", "load", b"load", "mode", b"mode", "placed_sessions", b"placed_sessions", "port", b"port", "sessions", b"sessions", "state", b"state", "state_details", b"state_details", "state_message", b"state_message", "state_reason", b"state_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,7 +360,7 @@ class Load(_message.Message):
     cpu_count: _builtins.int
     """Number of CPUs."""
     session_count: _builtins.int
-    """Number of active sessions."""
+    """Sessions its agent reports (what the agent saw; a node's sessions are `Node.sessions`)."""
     def __init__(
         self,
         *,

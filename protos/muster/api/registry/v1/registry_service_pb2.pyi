@@ -553,16 +553,28 @@ class DeleteNodeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REVISION_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    MOVED_SESSIONS_FIELD_NUMBER: _builtins.int
+    ENDED_SESSIONS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """The revision of the NodeDeleted event when `wait_for_revision` was set, else 0."""
+    sessions: _builtins.int
+    """The node's sessions (placed and started) when it was deleted."""
+    moved_sessions: _builtins.int
+    """Of them, moved to other nodes as a failover moves them (new ids and routes)."""
+    ended_sessions: _builtins.int
+    """Of them, ended because no other node could take them."""
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
+        sessions: _builtins.int = ...,
+        moved_sessions: _builtins.int = ...,
+        ended_sessions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_sessions", b"ended_sessions", "moved_sessions", b"moved_sessions", "revision", b"revision", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
