@@ -73,7 +73,7 @@ HEALTH_NAMES = {svc: d.full_name for svc, d in DESCRIPTORS.items()}
 IDEMPOTENT = {
     "registry": {"GetNode", "ListNodes", "GetCluster", "GetNodeStatus", "ListNodeLoads", "Heartbeat"},
     "keys": {"VerifyKeys", "FetchKeys", "GetKeyStatus"},
-    "balancer": {"ListSessions", "RouteSession", "GetStatus"},
+    "balancer": {"ListSessions", "RouteSession", "GetStatus", "CountSessions"},
     "locks": {"ListLocks", "ValidateFence", "ListJobs"},
 }
 SECRETS = {"muster-database", "muster-tokens", "muster-master-key"}
