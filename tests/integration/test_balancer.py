@@ -500,7 +500,8 @@ async def test_a_node_never_takes_more_sessions_than_its_capacity(database_url: 
             assert Counter(placed) == {n.node_id: 10 for n in nodes}
             assert all(f"node {n.node_id}" in str(refused[0]) for n in nodes) and "full" in str(refused[0])
             batches = await _batches(ports)
-            assert sum(sum(b.values()) for b in batches) < len(placed), batches  # batch-mates, some refused
+            # The 60 concurrent requests went through batches of several (placed and refused alike).
+            assert sum(sum(b.values()) for b in batches) < len(results), batches
             with pytest.raises(E.NoEligibleNodeError):
                 await ca.place_session("dry", dry_run=True)
 

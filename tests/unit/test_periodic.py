@@ -43,4 +43,4 @@ async def test_the_first_pass_waits_one_interval() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert len(calls) == 1 and calls[0] >= 0.05
+    assert len(calls) == 1 and calls[0] >= 0.045  # (the loop's clock may round a hair below the wait)
