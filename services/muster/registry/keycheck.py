@@ -101,6 +101,18 @@ class LocalKeyChecker:
         return None
 
 
+def outbound_channel(
+    address: str, *, ca_file: Path | None, cert_chain: bytes | None, private_key: bytes | None
+) -> grpc.aio.Channel:
+    """A channel from this server to another service: TLS (with its client certificate) when a CA is set."""
+    if ca_file is None:
+        return grpc.aio.insecure_channel(address)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes(), private_key=private_key, certificate_chain=cert_chain
+    )
+    return grpc.aio.secure_channel(address, creds)
+
+
 class RemoteKeyChecker:
     """The keys service at ``address``, called with this server's outbound token (and TLS if configured)."""
 
@@ -115,13 +127,7 @@ class RemoteKeyChecker:
         timeout: float = 5.0,
     ) -> None:
         self.address = address
-        if ca_file is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(ca_file).read_bytes(), private_key=private_key, certificate_chain=cert_chain
-            )
-            self._channel = grpc.aio.secure_channel(address, creds)
-        else:
-            self._channel = grpc.aio.insecure_channel(address)
+        self._channel = outbound_channel(address, ca_file=ca_file, cert_chain=cert_chain, private_key=private_key)
         self._stub = keys_service_pb2_grpc.KeysServiceStub(self._channel)
         self._metadata = tuple(metadata)
         self._timeout = timeout

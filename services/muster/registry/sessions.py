@@ -21,6 +21,7 @@ import grpc
 
 from muster.api.balancer.v1 import balancer_service_pb2, balancer_service_pb2_grpc
 from muster.core.errors import StoreUnavailableError
+from muster.registry.keycheck import outbound_channel
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +76,7 @@ class RemoteSessions:
         timeout: float = 10.0,
     ) -> None:
         self.address = address
-        if ca_file is not None:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(ca_file).read_bytes(), private_key=private_key, certificate_chain=cert_chain
-            )
-            self._channel = grpc.aio.secure_channel(address, creds)
-        else:
-            self._channel = grpc.aio.insecure_channel(address)
+        self._channel = outbound_channel(address, ca_file=ca_file, cert_chain=cert_chain, private_key=private_key)
         self._stub = balancer_service_pb2_grpc.BalancerServiceStub(self._channel)
         self._metadata = tuple(metadata)
         self._timeout = timeout
